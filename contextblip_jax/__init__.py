@@ -1,0 +1,1 @@
+"""ContextBLIP in JAX/Flax NNX: BLIP towers, the ContextBLIP method, training and evaluation."""

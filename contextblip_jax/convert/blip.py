@@ -1,0 +1,160 @@
+"""PyTorch BLIP checkpoint -> checked, re-laid-out parameters for `BlipRetrieval`, and back into a model.
+
+Nothing is written or built until every key and shape has been checked; all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from contextblip_jax.convert import infer, names
+from contextblip_jax.convert.errors import ConversionError
+from contextblip_jax.convert.mapping import Path, Rule, blip_rules
+from contextblip_jax.convert.sources import RawCheckpoint
+from contextblip_jax.models.blip import BlipRetrieval
+from contextblip_jax.models.config import BlipConfig
+
+
+@dataclasses.dataclass
+class ConvertedBlip:
+    """Parameters by dotted NNX path (float32), the architecture, and facts about the source."""
+
+    config: BlipConfig
+    params: dict[str, jax.Array]
+    itm_first_token: str
+    dropped: dict[str, int]
+
+
+def dotted(path: Path) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def param_shapes(config: BlipConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, from abstract evaluation (no memory is allocated)."""
+    model = nnx.eval_shape(lambda: BlipRetrieval(config, rngs=nnx.Rngs(0)))
+    return {dotted(path): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None) -> ConvertedBlip:
+    """Checks and converts `raw`, consuming its tensors.
+
+    `overrides` is a partial model config, e.g. `{"vision": {"image_size": 224}}`.
+    """
+    original = names.is_original_naming(raw.tensors)
+    tensors, dropped = _rename_and_drop(raw.tensors, original)
+    raw.tensors.clear()  # `tensors` now holds the only references, freed one by one below
+    config, problems = _resolve_config(raw, tensors, original, overrides or {})
+    if config is None:
+        raise ConversionError(raw.path, problems)
+    rules = blip_rules(config)
+    shapes = param_shapes(config)
+    if set(map(dotted, rules)) != set(shapes):
+        raise AssertionError("conversion rules and model parameters disagree; this is a bug")
+    problems += _check(rules, shapes, tensors)
+    if problems:
+        raise ConversionError(raw.path, problems)
+    return ConvertedBlip(
+        config=config,
+        params=_apply(rules, shapes, tensors),
+        itm_first_token="enc" if original else "cls",
+        dropped=dropped,
+    )
+
+
+def build_model(config: BlipConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32) -> BlipRetrieval:
+    """A `BlipRetrieval` holding `params` (cast to float32) and computing in `dtype`."""
+    model = nnx.eval_shape(lambda: BlipRetrieval(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    for path, variable in nnx.to_flat_state(state):
+        if isinstance(variable, nnx.Param):
+            variable.set_value(jnp.asarray(params[dotted(path)], dtype=jnp.float32))
+    return nnx.merge(graphdef, state)
+
+
+def _rename_and_drop(tensors: dict[str, np.ndarray], original: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    kept: dict[str, np.ndarray] = {}
+    dropped: Counter[str] = Counter()
+    for key, value in tensors.items():
+        kind = names.known_extra(key)
+        if kind:
+            dropped[kind] += 1
+        else:
+            kept[names.original_to_hf(key) if original else key] = value
+    if dropped:
+        summary = ", ".join(f"{count} {kind}" for kind, count in sorted(dropped.items()))
+        logging.info("dropped %d known extra tensors: %s", sum(dropped.values()), summary)
+    return kept, dict(dropped)
+
+
+def _resolve_config(
+    raw: RawCheckpoint, tensors: Mapping[str, np.ndarray], original: bool, overrides: Mapping[str, Any]
+) -> tuple[BlipConfig | None, list[str]]:
+    missing = infer.missing_for_inference(tensors)
+    inferred = None
+    if not missing:
+        inferred = infer.infer_config(tensors, infer.ORIGINAL_VISION_EPS if original else 1e-5)
+    try:
+        if raw.hf_config is not None:
+            base = infer.config_from_hf(raw.hf_config)
+        elif inferred is not None:
+            base = inferred
+        else:
+            return None, [f"missing key {key} (needed to infer the architecture)" for key in missing]
+        config = base.override(dict(overrides))
+    except (TypeError, ValueError) as error:
+        return None, [f"invalid model config: {error}"]
+    problems = infer.contradictions(config, inferred) if inferred is not None else []
+    try:
+        config.validate()
+    except ValueError as error:
+        problems.append(f"invalid model config: {error}")
+    return (None if problems else config), problems
+
+
+def _check(
+    rules: Mapping[Path, Rule], shapes: Mapping[str, tuple[int, ...]], tensors: Mapping[str, np.ndarray]
+) -> list[str]:
+    problems: list[str] = []
+    for path, rule in rules.items():
+        if rule.key not in tensors:
+            problems.append(f"missing key {rule.key}")
+        elif problem := rule.problem(tensors[rule.key], shapes[dotted(path)]):
+            problems.append(problem)
+    used = {rule.key for rule in rules.values()}
+    problems += [f"unused key {key}" for key in sorted(set(tensors) - used)]
+    return list(dict.fromkeys(problems))
+
+
+def _apply(
+    rules: Mapping[Path, Rule], shapes: Mapping[str, tuple[int, ...]], tensors: dict[str, np.ndarray]
+) -> dict[str, jax.Array]:
+    """Applies every rule, freeing each source tensor after its last use to keep peak memory near 1x.
+
+    The results are JAX arrays: Orbax saves those with less extra memory than numpy arrays.
+    """
+    by_key: dict[str, list[Path]] = defaultdict(list)
+    for path, rule in rules.items():
+        by_key[rule.key].append(path)
+    params: dict[str, jax.Array] = {}
+    for key, paths in by_key.items():
+        source = tensors.pop(key)
+        for path in paths:
+            name = dotted(path)
+            params[name] = jnp.asarray(rules[path].apply(source, shapes[name]), dtype=jnp.float32)
+        del source
+    return params
+
+
+def to_dtype(params: Mapping[str, jax.Array], dtype: str) -> dict[str, jax.Array]:
+    """Storage dtype for a converted checkpoint (`float32` or `bfloat16`); arrays already in it are not copied."""
+    target = jnp.dtype(dtype)
+    return {key: value if value.dtype == target else value.astype(target) for key, value in params.items()}

@@ -1,0 +1,92 @@
+"""The layout of a converted-weights folder.
+
+```
+DIR/model_config.json   the architecture (BlipConfig as JSON)
+DIR/conversion.json     source path and format, storage dtype, ITM first token, dropped extras
+DIR/params/             Orbax checkpoint of the flat parameter dict
+DIR/tokenizer/          the source's tokenizer files, when it had any
+```
+The folder is assembled beside DIR and renamed into place, so a failed conversion leaves no DIR behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from contextblip_jax import checkpoint
+from contextblip_jax.convert.blip import ConvertedBlip, to_dtype
+from contextblip_jax.convert.sources import TOKENIZER_FILES
+from contextblip_jax.models.config import BlipConfig
+
+CONFIG_FILE = "model_config.json"
+METADATA_FILE = "conversion.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """Refuses a non-empty DIR unless asked to overwrite it; call before any slow work."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise FileExistsError(f"{output} exists and is not a folder")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise FileExistsError(f"{output} is not empty; pass --overwrite to replace it")
+
+
+def write_converted(
+    output: str,
+    converted: ConvertedBlip,
+    *,
+    source: str,
+    source_format: str,
+    dtype: str,
+    tokenizer_dir: str | None,
+) -> None:
+    staging = f"{output.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+            f.write(converted.config.to_json())
+        metadata = {
+            "source": os.path.abspath(source),
+            "format": source_format,
+            "dtype": dtype,
+            "itm_first_token": converted.itm_first_token,
+            "dropped": converted.dropped,
+        }
+        with open(os.path.join(staging, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        if tokenizer_dir:
+            _copy_tokenizer(tokenizer_dir, os.path.join(staging, TOKENIZER_DIR))
+        checkpoint.save_params(os.path.join(staging, PARAMS_DIR), to_dtype(converted.params, dtype))
+        shutil.rmtree(output, ignore_errors=True)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_converted(path: str) -> tuple[BlipConfig, dict[str, np.ndarray], dict[str, Any]]:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = BlipConfig.from_json(f.read())
+    return config, checkpoint.restore_params(os.path.join(path, PARAMS_DIR)), read_metadata(path)
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, METADATA_FILE)) as f:
+        return json.load(f)
+
+
+def _copy_tokenizer(source: str, destination: str) -> None:
+    os.makedirs(destination)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), destination)

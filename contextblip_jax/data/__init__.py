@@ -1,0 +1,1 @@
+"""Input data: ImageCoDe, captions, generated sets, preprocessing and the grain pipeline."""

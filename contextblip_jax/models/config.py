@@ -1,0 +1,140 @@
+"""Architecture configs for the BLIP towers.
+
+They are plain frozen dataclasses so that a converted checkpoint can carry its architecture as JSON and a
+model can be rebuilt from that JSON alone, with no PyTorch and no Hugging Face config classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
+"""Activation names the towers accept; `gelu` is the exact (erf) GELU both BLIP sources use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """BLIP ViT: pre-LN blocks, no pre-LayerNorm, a final LayerNorm."""
+
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    image_size: int = 224
+    patch_size: int = 16
+    layer_norm_eps: float = 1e-6
+    activation: str = "gelu"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid**2 + 1
+
+    def validate(self) -> None:
+        _check_heads("vision", self.width, self.num_heads)
+        _check_activation("vision", self.activation)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """BLIP's BERT encoder: post-LN layers, each with optional cross-attention to image tokens."""
+
+    vocab_size: int = 30524
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    max_positions: int = 512
+    encoder_width: int = 768
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"
+
+    def validate(self) -> None:
+        _check_heads("text", self.width, self.num_heads)
+        _check_activation("text", self.activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipConfig:
+    """A BLIP retrieval model: both towers, the ITC projections (to `embed_dim`) and the ITM head."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    embed_dim: int = 256
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+        if self.text.encoder_width != self.vision.width:
+            raise ValueError(
+                f"text.encoder_width {self.text.encoder_width} must equal vision.width {self.vision.width}: "
+                "the text tower cross-attends to the vision tower's tokens"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlipConfig:
+        """Builds a config from a (possibly partial) dict; unknown keys are an error naming each of them."""
+        unknown = sorted(set(data) - {"vision", "text", "embed_dim"})
+        unknown += [f"vision.{k}" for k in sorted(set(data.get("vision", {})) - _field_names(VisionConfig))]
+        unknown += [f"text.{k}" for k in sorted(set(data.get("text", {})) - _field_names(TextConfig))]
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(
+            vision=VisionConfig(**data.get("vision", {})),
+            text=TextConfig(**data.get("text", {})),
+            embed_dim=data.get("embed_dim", cls.embed_dim),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> BlipConfig:
+        return cls.from_dict(json.loads(text))
+
+    def override(self, changes: dict[str, Any]) -> BlipConfig:
+        """Returns this config with the (nested, partial) `changes` applied."""
+        merged = self.to_dict()
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return BlipConfig.from_dict(merged)
+
+
+def flat_items(config: BlipConfig) -> dict[str, Any]:
+    """`{"vision.width": 768, ...}`: the config as dotted keys, for messages that name fields."""
+    flat: dict[str, Any] = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_heads(tower: str, width: int, num_heads: int) -> None:
+    if num_heads <= 0 or width % num_heads:
+        raise ValueError(f"{tower}.width {width} is not divisible by {tower}.num_heads {num_heads}")
+
+
+def _check_activation(tower: str, name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"{tower}.activation {name!r} is not one of {ACTIVATIONS}")

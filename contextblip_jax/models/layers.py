@@ -1,0 +1,134 @@
+"""Building blocks shared by the towers: sharded parameters, dense layers, LayerNorm and attention.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) as `out_sharding`
+metadata; `parallel.py` maps them to mesh axes. Eager sharding is off so that a model can be built without a
+mesh (conversion, tests); the train step places the state with explicit shardings instead.
+
+Parameters are float32; `dtype` is the compute dtype. Softmax runs in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+Initializer = Callable[..., jax.Array]
+
+DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
+"""BERT/BLIP's initialiser: N(0, 0.02) kernels, zero biases, unit LayerNorm scales."""
+
+
+def sharded_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -> nnx.Param:
+    """A float32 parameter annotated with logical axis names (one per dimension)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+    value = init(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a checkpoint declares; `gelu` is exact (erf), as in both BLIP sources."""
+    functions = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+    }
+    return functions[name]
+
+
+class Dense(nnx.Module):
+    """`y = x·W + b`, contracting the trailing `in_shape` axes of x into `out_shape`.
+
+    Multi-axis shapes keep attention heads as their own axis (`[embed] -> [heads, kv]`), so that tensor
+    parallelism can shard heads without reshapes.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        axes: Axes,
+        *,
+        use_bias: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+        kernel_init: Initializer = DEFAULT_INIT,
+    ):
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape)
+        self.dtype = dtype
+        self.kernel = sharded_param(rngs, kernel_init, self.in_shape + self.out_shape, axes)
+        out_axes = axes[len(self.in_shape) :]
+        self.bias = sharded_param(rngs, nnx.initializers.zeros, self.out_shape, out_axes) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def layer_norm(width: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over the last axis with the source checkpoint's epsilon (1e-6 ViT, 1e-12 BERT, ...)."""
+    meta = {"out_sharding": ("embed",), "eager_sharding": False}
+    return nnx.LayerNorm(
+        width,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_metadata=meta,
+        bias_metadata=meta,
+        rngs=rngs,
+    )
+
+
+class MultiHeadAttention(nnx.Module):
+    """Scaled dot-product attention with separate q/k/v projections and an output projection.
+
+    Keys and values may come from another sequence of a different width (cross-attention to image tokens).
+    The probabilities can be returned: TMIM chooses its mask from the cross-attention maps.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        kv_width: int | None = None,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        head_dim = width // num_heads
+        kv_width = kv_width or width
+        heads = (num_heads, head_dim)
+        self.scale = head_dim**-0.5
+        self.dtype = dtype
+        self.query = Dense((width,), heads, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+        self.key = Dense((kv_width,), heads, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+        self.value = Dense((kv_width,), heads, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
+        self.out = Dense(heads, (width,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, key_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Attends from `x` [B, Q, width] to `context` [B, K, kv_width] (default: x itself).
+
+        `key_mask` [B, K] is true where a key may be attended to (padding is false).
+        Returns the projected output [B, Q, width] and the float32 probabilities [B, heads, Q, K].
+        """
+        context = x if context is None else context
+        q, k, v = self.query(x), self.key(context), self.value(context)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
+        if key_mask is not None:
+            visible = key_mask.astype(bool)[:, None, None, :]
+            logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        return self.out(mixed), probs

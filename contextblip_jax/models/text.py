@@ -1,0 +1,116 @@
+"""BLIP's text encoder: BERT (post-LN) whose layers cross-attend to image tokens when they are given.
+
+Without image tokens it is the unimodal text encoder (ITC); with them it is the multimodal encoder (ITM).
+The cross-attention keys and values take the vision width (1024 for ViT-L), which may differ from the text
+width. Each layer's cross-attention probabilities are returned for TMIM's text-guided mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from contextblip_jax.models.config import TextConfig
+from contextblip_jax.models.layers import DEFAULT_INIT, Dense, MultiHeadAttention, activation, layer_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class TextOutput:
+    """`cross_attention[i]`: layer i's cross-attention probabilities [B, heads, T, image tokens] (empty
+    when no image tokens were given)."""
+
+    last_hidden_state: jax.Array
+    cross_attention: tuple[jax.Array, ...]
+
+
+jax.tree_util.register_dataclass(TextOutput, data_fields=["last_hidden_state", "cross_attention"], meta_fields=[])
+
+
+class TextEmbeddings(nnx.Module):
+    """Word + absolute position embeddings, then LayerNorm; BLIP uses no token-type embeddings."""
+
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.config = config
+        self.word = nnx.Embed(
+            config.vocab_size,
+            config.width,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nnx.with_partitioning(DEFAULT_INIT, ("vocab", "embed"), eager_sharding=False),
+            rngs=rngs,
+        )
+        self.position = nnx.Embed(
+            config.max_positions,
+            config.width,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nnx.with_partitioning(DEFAULT_INIT, (None, "embed"), eager_sharding=False),
+            rngs=rngs,
+        )
+        self.norm = layer_norm(config.width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        length = input_ids.shape[1]
+        if length > self.config.max_positions:
+            raise ValueError(f"text length {length} exceeds the {self.config.max_positions} position embeddings")
+        return self.norm(self.word(input_ids) + self.position(jnp.arange(length))[None])
+
+
+class TextLayer(nnx.Module):
+    """Self-attention, optional cross-attention, feed-forward; each followed by residual + LayerNorm."""
+
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d, eps = config.width, config.layer_norm_eps
+        self.self_attn = MultiHeadAttention(d, config.num_heads, dtype=dtype, rngs=rngs)
+        self.self_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.cross_attn = MultiHeadAttention(d, config.num_heads, kv_width=config.encoder_width, dtype=dtype, rngs=rngs)
+        self.cross_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.fc1 = Dense((d,), (config.mlp_dim,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = Dense((config.mlp_dim,), (d,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.mlp_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.activation = config.activation
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        image_tokens: jax.Array | None = None,
+        image_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        x = self.self_norm(x + self.self_attn(x, key_mask=mask)[0])
+        probs = None
+        if image_tokens is not None:
+            attended, probs = self.cross_attn(x, image_tokens, key_mask=image_mask)
+            x = self.cross_norm(x + attended)
+        x = self.mlp_norm(x + self.fc2(activation(self.activation)(self.fc1(x))))
+        return x, probs
+
+
+class TextEncoder(nnx.Module):
+    def __init__(self, config: TextConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        self.embeddings = TextEmbeddings(config, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([TextLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        image_tokens: jax.Array | None = None,
+        image_mask: jax.Array | None = None,
+    ) -> TextOutput:
+        """`input_ids`, `attention_mask` [B, T] (mask 1 for real tokens); `image_tokens` [B, N, vision width].
+
+        `input_ids` are used as given: whether the first token is `[CLS]` or `[ENC]` is the tokenizer's choice.
+        """
+        x = self.embeddings(input_ids)
+        maps = []
+        for layer in self.layers:
+            x, probs = layer(x, attention_mask, image_tokens, image_mask)
+            if probs is not None:
+                maps.append(probs)
+        return TextOutput(last_hidden_state=x, cross_attention=tuple(maps))

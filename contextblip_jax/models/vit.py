@@ -1,0 +1,139 @@
+"""BLIP's vision transformer (ViT-B/16, ViT-L/16) in Flax NNX.
+
+Pre-LN blocks (`x += attn(ln1(x)); x += mlp(ln2(x))`), no LayerNorm before the blocks and one after them.
+Every block's output is returned because ContextBLIP's adapter reads blocks 3/6/9/12, and the forward pass is
+split into patch embedding, CLS token and the block stack because TMIM runs the blocks on a subset of patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from contextblip_jax.models.config import VisionConfig
+from contextblip_jax.models.layers import (
+    DEFAULT_INIT,
+    Dense,
+    MultiHeadAttention,
+    activation,
+    layer_norm,
+    sharded_param,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionOutput:
+    """`last_hidden_state` is after the final LayerNorm; `block_outputs[i]` is block i+1's raw output."""
+
+    last_hidden_state: jax.Array
+    block_outputs: tuple[jax.Array, ...]
+
+
+jax.tree_util.register_dataclass(VisionOutput, data_fields=["last_hidden_state", "block_outputs"], meta_fields=[])
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        d = config.width
+        self.norm1 = layer_norm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = MultiHeadAttention(d, config.num_heads, dtype=dtype, rngs=rngs)
+        self.norm2 = layer_norm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.fc1 = Dense((d,), (config.mlp_dim,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = Dense((config.mlp_dim,), (d,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.activation = config.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))[0]
+        return x + self.fc2(activation(self.activation)(self.fc1(self.norm2(x))))
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, config: VisionConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        self.dtype = dtype
+        p, d = config.patch_size, config.width
+        self.patch_embed = nnx.Conv(
+            3,
+            d,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nnx.with_partitioning(DEFAULT_INIT, (None, None, None, "embed"), eager_sharding=False),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",), eager_sharding=False),
+            rngs=rngs,
+        )
+        self.cls_token = sharded_param(rngs, DEFAULT_INIT, (1, 1, d), (None, None, "embed"))
+        self.pos_embed = sharded_param(rngs, DEFAULT_INIT, (1, config.num_tokens, d), (None, None, "embed"))
+        self.blocks = nnx.List([VisionBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
+        self.norm = layer_norm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+
+    def patch_tokens(self, images: jax.Array) -> jax.Array:
+        """NHWC images [B, H, W, 3] -> patch tokens with their position embeddings [B, grid², D]."""
+        expected = (self.config.image_size, self.config.image_size, 3)
+        if images.shape[1:] != expected:
+            raise ValueError(f"images have shape {images.shape[1:]}, the vision tower expects {expected} (HWC)")
+        x = self.patch_embed(images.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return x + self.pos_embed[:, 1:].astype(self.dtype)
+
+    def cls_tokens(self, batch: int) -> jax.Array:
+        """The CLS token with its position embedding, repeated for a batch: [B, 1, D]."""
+        cls = (self.cls_token[...] + self.pos_embed[:, :1]).astype(self.dtype)
+        return jnp.broadcast_to(cls, (batch, 1, cls.shape[-1]))
+
+    def transform(self, tokens: jax.Array) -> VisionOutput:
+        """Runs the blocks and the final LayerNorm on any token sequence (all patches, or CLS + a subset)."""
+        outputs = []
+        x = tokens
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return VisionOutput(last_hidden_state=self.norm(x), block_outputs=tuple(outputs))
+
+    def __call__(self, images: jax.Array) -> VisionOutput:
+        patches = self.patch_tokens(images)
+        tokens = jnp.concatenate([self.cls_tokens(patches.shape[0]), patches], axis=1)
+        return self.transform(tokens)
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
+    """Resamples ViT position embeddings [1, 1 + g², D] to a `new_grid`² patch grid, keeping the CLS entry.
+
+    Bicubic with PyTorch's kernel (a = -0.75, half-pixel centres, edge clamping, no antialias), which is how
+    BLIP and Hugging Face resample between 224 and 384 px; reproducing it keeps converted models exact.
+    """
+    old_grid = round((posemb.shape[1] - 1) ** 0.5)
+    if old_grid**2 + 1 != posemb.shape[1]:
+        raise ValueError(f"position embedding with {posemb.shape[1]} entries is not 1 + a square grid")
+    if old_grid == new_grid:
+        return posemb
+    grid = posemb[0, 1:].reshape(old_grid, old_grid, -1).astype(np.float64)
+    weights = _bicubic_matrix(old_grid, new_grid)
+    resampled = np.einsum("ih,jw,hwd->ijd", weights, weights, grid).reshape(1, new_grid**2, -1)
+    return np.concatenate([posemb[:, :1], resampled.astype(posemb.dtype)], axis=1)
+
+
+def _bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+    """The [out, in] matrix of 1-D bicubic interpolation as `torch.nn.functional.interpolate` computes it."""
+
+    def near(t: float) -> float:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(t: float) -> float:
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    matrix = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        source = (i + 0.5) * in_size / out_size - 0.5
+        left = int(np.floor(source))
+        t = source - left
+        for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t)), strict=False):
+            matrix[i, min(max(left + offset, 0), in_size - 1)] += weight
+    return matrix
