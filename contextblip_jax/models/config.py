@@ -138,3 +138,91 @@ def _check_heads(tower: str, width: int, num_heads: int) -> None:
 def _check_activation(tower: str, name: str) -> None:
     if name not in ACTIVATIONS:
         raise ValueError(f"{tower}.activation {name!r} is not one of {ACTIVATIONS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """ContextBLIP's multi-level adapter (reference §3): ViT blocks `levels` (1-indexed), width / `reduction`
+    per level. `conv_kernels` switches on the optional depthwise-convolution branch (off: the authors' design)."""
+
+    levels: tuple[int, ...] = (3, 6, 9, 12)
+    reduction: int = 2
+    conv_kernels: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TMIMConfig:
+    """Text-guided masked image modelling (reference §4)."""
+
+    mask_rate: float = 0.25
+    random_mask: bool = False
+    noise: float = 0.02
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 3072
+    text_adapter_reduction: int = 2
+    mask_prediction: bool = False
+    """Adds the optional mask-prediction head `σ(W f + b)` (its loss weight is a training setting)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextConfig:
+    """The inter-context encoder over the candidates of one description (reference §6, stage 2b)."""
+
+    num_candidates: int = 10
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 3072
+    dropout: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextBLIPConfig:
+    blip: BlipConfig = dataclasses.field(default_factory=BlipConfig)
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    tmim: TMIMConfig = dataclasses.field(default_factory=TMIMConfig)
+    context: ContextConfig = dataclasses.field(default_factory=ContextConfig)
+    cls_token_id: int = 101
+    """`[CLS]`: the ITC pass uses it where the ITM pass has `[ENC]` (hard-negative similarities)."""
+
+    def validate(self) -> None:
+        self.blip.validate()
+        depth = self.blip.vision.depth
+        if not self.adapter.levels or any(not 1 <= level <= depth for level in self.adapter.levels):
+            raise ValueError(f"adapter.levels {self.adapter.levels} must be ViT blocks between 1 and {depth}")
+        if self.blip.vision.width % self.adapter.reduction:
+            raise ValueError(f"vision.width {self.blip.vision.width} is not divisible by adapter.reduction")
+        if any(k % 2 == 0 for k in self.adapter.conv_kernels):
+            raise ValueError(f"adapter.conv_kernels {self.adapter.conv_kernels} must be odd")
+        if not 0 < self.tmim.mask_rate < 1:
+            raise ValueError(f"tmim.mask_rate {self.tmim.mask_rate} must lie strictly between 0 and 1")
+        _check_heads("tmim decoder", self.blip.vision.width, self.tmim.decoder_heads)
+        _check_heads("context", self.blip.text.width, self.context.num_heads)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContextBLIPConfig:
+        sections = {"adapter": AdapterConfig, "tmim": TMIMConfig, "context": ContextConfig}
+        unknown = sorted(set(data) - {"blip", "cls_token_id", *sections})
+        for name, section in sections.items():
+            unknown += [f"{name}.{k}" for k in sorted(set(data.get(name, {})) - _field_names(section))]
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        parts = {}
+        for name, section in sections.items():
+            values = dict(data.get(name, {}))
+            for key, value in values.items():
+                if isinstance(value, list):
+                    values[key] = tuple(value)
+            parts[name] = section(**values)
+        return cls(
+            blip=BlipConfig.from_dict(data.get("blip", {})),
+            cls_token_id=data.get("cls_token_id", cls.cls_token_id),
+            **parts,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ContextBLIPConfig:
+        return cls.from_dict(json.loads(text))

@@ -102,6 +102,7 @@ class MultiHeadAttention(nnx.Module):
         num_heads: int,
         *,
         kv_width: int | None = None,
+        dropout: float = 0.0,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -114,14 +115,20 @@ class MultiHeadAttention(nnx.Module):
         self.key = Dense((kv_width,), heads, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
         self.value = Dense((kv_width,), heads, ("embed", "heads", "kv"), dtype=dtype, rngs=rngs)
         self.out = Dense(heads, (width,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
 
     def __call__(
-        self, x: jax.Array, context: jax.Array | None = None, key_mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Attends from `x` [B, Q, width] to `context` [B, K, kv_width] (default: x itself).
 
-        `key_mask` [B, K] is true where a key may be attended to (padding is false).
-        Returns the projected output [B, Q, width] and the float32 probabilities [B, heads, Q, K].
+        `key_mask` [B, K] is true where a key may be attended to (padding is false). `rngs` switches dropout on
+        (BERT's attention-probability dropout); without it the layer is deterministic.
+        Returns the projected output [B, Q, width] and the float32 probabilities [B, heads, Q, K] (before dropout).
         """
         context = x if context is None else context
         q, k, v = self.query(x), self.key(context), self.value(context)
@@ -130,5 +137,6 @@ class MultiHeadAttention(nnx.Module):
             visible = key_mask.astype(bool)[:, None, None, :]
             logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        mixed = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        dropped = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
         return self.out(mixed), probs

@@ -60,32 +60,57 @@ class TextEmbeddings(nnx.Module):
 
 
 class TextLayer(nnx.Module):
-    """Self-attention, optional cross-attention, feed-forward; each followed by residual + LayerNorm."""
+    """Self-attention, optional cross-attention, feed-forward; each followed by residual + LayerNorm (BERT).
 
-    def __init__(self, config: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    `cross_attention=False` builds a plain BERT layer (the inter-context encoder); `dropout` is BERT's hidden and
+    attention dropout, active only when the call passes `rngs`.
+    """
+
+    def __init__(
+        self,
+        config: TextConfig,
+        *,
+        cross_attention: bool = True,
+        dropout: float = 0.0,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
         d, eps = config.width, config.layer_norm_eps
-        self.self_attn = MultiHeadAttention(d, config.num_heads, dtype=dtype, rngs=rngs)
+        self.self_attn = MultiHeadAttention(d, config.num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
         self.self_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
-        self.cross_attn = MultiHeadAttention(d, config.num_heads, kv_width=config.encoder_width, dtype=dtype, rngs=rngs)
-        self.cross_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.cross_attn = (
+            MultiHeadAttention(
+                d, config.num_heads, kv_width=config.encoder_width, dropout=dropout, dtype=dtype, rngs=rngs
+            )
+            if cross_attention
+            else None
+        )
+        self.cross_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs) if cross_attention else None
         self.fc1 = Dense((d,), (config.mlp_dim,), ("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.fc2 = Dense((config.mlp_dim,), (d,), ("mlp", "embed"), dtype=dtype, rngs=rngs)
         self.mlp_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
         self.activation = config.activation
 
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
         image_tokens: jax.Array | None = None,
         image_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        x = self.self_norm(x + self.self_attn(x, key_mask=mask)[0])
+        def drop(y: jax.Array) -> jax.Array:
+            return self.dropout(y, deterministic=rngs is None, rngs=rngs)
+
+        x = self.self_norm(x + drop(self.self_attn(x, key_mask=mask, rngs=rngs)[0]))
         probs = None
         if image_tokens is not None:
-            attended, probs = self.cross_attn(x, image_tokens, key_mask=image_mask)
-            x = self.cross_norm(x + attended)
-        x = self.mlp_norm(x + self.fc2(activation(self.activation)(self.fc1(x))))
+            if self.cross_attn is None:
+                raise ValueError("this layer was built without cross-attention")
+            attended, probs = self.cross_attn(x, image_tokens, key_mask=image_mask, rngs=rngs)
+            x = self.cross_norm(x + drop(attended))
+        x = self.mlp_norm(x + drop(self.fc2(activation(self.activation)(self.fc1(x)))))
         return x, probs
 
 

@@ -1,0 +1,46 @@
+"""Stage heads: the scoring head (2a) and the inter-context encoder over the 10 candidates (2b), reference §6.
+
+The encoder sees the 10 L2-normalised multimodal vectors of one description at once, so each candidate's score
+can depend on the others. A learned position embedding is added only for video sets (frames are in temporal
+order); static sets get none, which keeps the encoder permutation-equivariant on them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from contextblip_jax.models.config import ContextConfig, TextConfig
+from contextblip_jax.models.layers import DEFAULT_INIT, Dense, sharded_param
+from contextblip_jax.models.text import TextLayer
+
+
+class ScoringHead(nnx.Module):
+    """Linear(width -> 1) on an L2-normalised multimodal vector: one logit per candidate."""
+
+    def __init__(self, width: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.proj = Dense((width,), (1,), ("embed", None), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(x)[..., 0].astype(jnp.float32)
+
+
+class InterContextEncoder(nnx.Module):
+    def __init__(self, config: ContextConfig, width: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        layer_config = TextConfig(width=width, depth=config.depth, num_heads=config.num_heads, mlp_dim=config.mlp_dim)
+        self.position = sharded_param(rngs, DEFAULT_INIT, (config.num_candidates, width), (None, "embed"))
+        self.layers = nnx.List(
+            [
+                TextLayer(layer_config, cross_attention=False, dropout=config.dropout, dtype=dtype, rngs=rngs)
+                for _ in range(config.depth)
+            ]
+        )
+
+    def __call__(self, x: jax.Array, is_video: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """x [B, candidates, D] (normalised), is_video [B] -> `encoder(x + pos·is_video) + x`, same shape."""
+        position = self.position[...][None] * is_video.astype(jnp.float32)[:, None, None]
+        h = (x + position).astype(x.dtype)
+        for layer in self.layers:
+            h, _ = layer(h, None, rngs=rngs)
+        return h + x

@@ -1,0 +1,176 @@
+"""ContextBLIP: BLIP + multi-level adapter + TMIM + scoring head + inter-context encoder, one method per stage.
+
+| stage      | method              | trains (default filter over parameter paths)      |
+|------------|---------------------|---------------------------------------------------|
+| pretrain   | `pretrain_losses`   | `adapter.*`, `tmim.*`, `mask_head.*`               |
+| zeroshot   | `zero_shot_scores`  | nothing                                            |
+| finetune   | `finetune_logits`   | both BLIP towers, `adapter.*`, `head.*`            |
+| context    | `context_logits`    | `context.*` (2a's model and head frozen)          |
+
+Which parameters train is data: `trainable_filter(pattern)` turns a config's regular expression into an NNX
+filter for `nnx.grad` and `nnx.Optimizer`, so no stage needs code of its own to freeze anything. Stage 2a
+trains "the whole model" as the reference says, except the parts its logits never use (TMIM, the ITC
+projections and the ITM head), which stay as stage 1 left them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from contextblip_jax import losses
+from contextblip_jax.models.adapter import MultiLevelAdapter
+from contextblip_jax.models.blip import BlipRetrieval, l2_normalize
+from contextblip_jax.models.config import ContextBLIPConfig
+from contextblip_jax.models.context import InterContextEncoder, ScoringHead
+from contextblip_jax.models.layers import Dense
+from contextblip_jax.models.text import TextOutput
+from contextblip_jax.models.tmim import (
+    TMIMDecoder,
+    gather_patches,
+    mean_cross_attention,
+    patchify,
+    text_guided_mask,
+)
+
+TRAINABLE = {
+    "pretrain": r"^(adapter|tmim|mask_head)\.",
+    "zeroshot": r"(?!)",
+    "finetune": r"^(blip\.(vision|text)|adapter|head)\.",
+    "context": r"^context\.",
+}
+"""Default trainable-parameter patterns per stage (regular expressions over dotted parameter paths)."""
+
+
+def dotted_path(path: tuple) -> str:
+    return ".".join(str(getattr(part, "key", part)) for part in path)
+
+
+def trainable_filter(pattern: str) -> nnx.filterlib.Filter:
+    """Parameters whose dotted path matches `pattern` (e.g. `^context\\.`)."""
+    compiled = re.compile(pattern)
+    return nnx.All(nnx.Param, lambda path, _: bool(compiled.search(dotted_path(path))))
+
+
+class ContextBLIP(nnx.Module):
+    def __init__(self, config: ContextBLIPConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        vision, text = config.blip.vision, config.blip.text
+        self.blip = BlipRetrieval(config.blip, dtype=dtype, rngs=rngs)
+        self.adapter = MultiLevelAdapter(config.adapter, vision.width, vision.grid, dtype=dtype, rngs=rngs)
+        self.tmim = TMIMDecoder(
+            config.tmim,
+            width=vision.width,
+            text_width=text.width,
+            num_tokens=vision.num_tokens,
+            pixels=vision.patch_size**2 * 3,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.mask_head = (
+            Dense((vision.width,), (1,), ("embed", None), dtype=dtype, rngs=rngs)
+            if config.tmim.mask_prediction
+            else None
+        )
+        self.head = ScoringHead(text.width, dtype=dtype, rngs=rngs)
+        self.context = InterContextEncoder(config.context, text.width, dtype=dtype, rngs=rngs)
+
+    # -- shared passes ---------------------------------------------------------------------------------------
+
+    def adapted_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(adapted tokens, plain BLIP tokens), both [B, tokens, D]."""
+        out = self.blip.vision(images)
+        adapted = self.adapter(out.last_hidden_state, out.block_outputs, self.blip.vision.norm)
+        return adapted, out.last_hidden_state
+
+    def match(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> TextOutput:
+        """The ITM pass: text (with `[ENC]` first) cross-attending to the adapted image tokens."""
+        return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask)
+
+    def _candidates(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """ITM first tokens for every (description, candidate): images [B, C, H, W, 3] -> [B, C, D]."""
+        batch, count = images.shape[:2]
+        flat = images.reshape(batch * count, *images.shape[2:])
+        ids = jnp.repeat(input_ids, count, axis=0)
+        mask = jnp.repeat(attention_mask, count, axis=0)
+        first = self.match(flat, ids, mask).last_hidden_state[:, 0]
+        return first.reshape(batch, count, -1)
+
+    # -- one method per stage --------------------------------------------------------------------------------
+
+    def zero_shot_scores(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """ITM match probability of every candidate [B, C]; the prediction is its argmax."""
+        first = self._candidates(images, input_ids, attention_mask)
+        return jax.nn.softmax(self.blip.itm_head(first).astype(jnp.float32), axis=-1)[..., 1]
+
+    def finetune_logits(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits."""
+        first = self._candidates(images, input_ids, attention_mask)
+        return self.head(l2_normalize(first).astype(first.dtype))
+
+    def context_logits(
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        is_video: jax.Array,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Stage 2b: the inter-context encoder over the C normalised vectors, then 2a's head. `rngs`: dropout."""
+        first = self._candidates(images, input_ids, attention_mask)
+        return self.head(self.context(l2_normalize(first).astype(first.dtype), is_video, rngs=rngs))
+
+    def pretrain_losses(
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        key: jax.Array,
+        temperature: float | None = None,
+    ) -> dict[str, jax.Array]:
+        """Stage 1 on image-caption pairs [B, H, W, 3] / [B, T]: ITM with hard negatives, TMIM (and the optional
+        mask prediction). `input_ids` carry `[ENC]` first; the ITC pass swaps in `[CLS]`."""
+        sample_key, mask_key = jax.random.split(key)
+        vision = self.blip.vision(images)
+        plain = vision.last_hidden_state
+        adapted = self.adapter(plain, vision.block_outputs, self.blip.vision.norm)
+
+        itc_ids = input_ids.at[:, 0].set(self.config.cls_token_id)
+        similarity = self.blip.image_embedding(plain) @ self.blip.text_embedding(itc_ids, attention_mask).T
+        negative_image, negative_text = losses.sample_hard_negatives(
+            sample_key, jax.lax.stop_gradient(similarity), temperature
+        )
+        positive = self.blip.multimodal(adapted, input_ids, attention_mask)
+        negative_logits = self.blip.itm_logits_from_features(
+            jnp.concatenate([adapted[negative_image], adapted]),
+            jnp.concatenate([input_ids, input_ids[negative_text]]),
+            jnp.concatenate([attention_mask, attention_mask[negative_text]]),
+        )
+        result = {
+            "itm": losses.itm_loss(self.blip.itm_head(positive.last_hidden_state[:, 0]), negative_logits),
+        }
+
+        mask = text_guided_mask(
+            mask_key, mean_cross_attention(positive.cross_attention), attention_mask, self.config.tmim
+        )
+        predicted = self.tmim(
+            self.encode_visible(images, mask.visible), mask, positive.last_hidden_state, attention_mask
+        )
+        target = gather_patches(patchify(images, self.config.blip.vision.patch_size), mask.masked)
+        result["tmim"] = losses.tmim_loss(predicted, target)
+        if self.mask_head is not None:
+            is_masked = jnp.zeros((plain.shape[0], plain.shape[1] - 1), jnp.float32)
+            is_masked = is_masked.at[jnp.arange(plain.shape[0])[:, None], mask.masked].set(1.0)
+            result["mask_prediction"] = losses.mask_prediction_loss(self.mask_head(adapted[:, 1:])[..., 0], is_masked)
+        return result
+
+    def encode_visible(self, images: jax.Array, visible: jax.Array) -> jax.Array:
+        """The frozen ViT on CLS + the visible patches only (original positions), then the same adapter."""
+        vit = self.blip.vision
+        patches = gather_patches(vit.patch_tokens(images), visible)
+        out = vit.transform(jnp.concatenate([vit.cls_tokens(images.shape[0]), patches], axis=1))
+        return self.adapter(out.last_hidden_state, out.block_outputs, vit.norm, patch_index=visible)
