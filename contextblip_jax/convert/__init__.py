@@ -1,4 +1,7 @@
-"""PyTorch BLIP checkpoints -> Flax: `load_blip` for code, `python -m contextblip_jax.convert` for files."""
+"""PyTorch BLIP / ContextBLIP checkpoints -> Flax.
+
+`load_blip` and `load_contextblip` for code, `python -m contextblip_jax.convert` for files.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,16 @@ from typing import Any
 import jax.numpy as jnp
 
 from contextblip_jax.convert import directory
-from contextblip_jax.convert.blip import build_model, convert_blip
+from contextblip_jax.convert.blip import build_model
+from contextblip_jax.convert.contextblip import build_contextblip
+from contextblip_jax.convert.dispatch import convert_any
 from contextblip_jax.convert.errors import ConversionError
-from contextblip_jax.convert.sources import read_checkpoint
 from contextblip_jax.models.blip import BlipRetrieval
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig, deep_merge
+from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.vit import resample_posemb
 
-__all__ = ["ConversionError", "itm_first_token", "load_blip"]
+__all__ = ["ConversionError", "itm_first_token", "load_blip", "load_contextblip"]
 
 
 def load_blip(
@@ -25,25 +31,43 @@ def load_blip(
     image_size: int | None = None,
     model_config: Mapping[str, Any] | None = None,
 ) -> BlipRetrieval:
-    """A `BlipRetrieval` from a converted folder or straight from any supported PyTorch checkpoint.
+    """A `BlipRetrieval` from a converted folder or straight from any supported PyTorch BLIP checkpoint.
 
     `image_size` resamples the position embeddings to another resolution (e.g. 224 for a 384-px checkpoint);
     `model_config` is a partial config overriding what the source says (PyTorch sources only).
     """
     path = os.fspath(path)
     if directory.is_converted(path):
-        if model_config:
-            raise ValueError(f"{path} is already converted; its architecture cannot be overridden")
-        config, params, _ = directory.read_converted(path)
-        if image_size and image_size != config.vision.image_size:
-            config = config.override({"vision": {"image_size": image_size}})
-            params["vision.pos_embed"] = resample_posemb(params["vision.pos_embed"], config.vision.grid)
+        config, params, metadata = _read(path, model_config, image_size)
+        if metadata.get("model", "blip") != "blip":
+            raise ValueError(f"{path} holds a ContextBLIP model: use load_contextblip")
         return build_model(config, params, dtype)
-    overrides = dict(model_config or {})
-    if image_size:
-        overrides["vision"] = {**overrides.get("vision", {}), "image_size": image_size}
-    converted = convert_blip(read_checkpoint(path), overrides)
-    return build_model(converted.config, converted.params, dtype)
+    conversion = convert_any(path, "blip", _with_image_size(model_config, image_size, nested=False))
+    return build_model(conversion.config, conversion.params, dtype)
+
+
+def load_contextblip(
+    path: str,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    image_size: int | None = None,
+    model_config: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> ContextBLIP:
+    """A `ContextBLIP` from a converted folder, an authors' checkpoint, or a plain BLIP checkpoint.
+
+    Parts the source lacks (everything but BLIP for a BLIP checkpoint; TMIM or the heads for the authors' stage
+    files) start from a fresh initialisation drawn from `seed`.
+    """
+    path = os.fspath(path)
+    if directory.is_converted(path):
+        config, params, metadata = _read(path, model_config, image_size)
+        if metadata.get("model", "blip") == "blip":
+            config = ContextBLIPConfig(blip=config)
+            params = {f"blip.{name}": value for name, value in params.items()}
+        return build_contextblip(config, params, dtype, seed)
+    conversion = convert_any(path, "contextblip", _with_image_size(model_config, image_size, nested=True))
+    return build_contextblip(conversion.config, conversion.params, dtype, seed)
 
 
 def itm_first_token(path: str) -> str:
@@ -56,3 +80,27 @@ def itm_first_token(path: str) -> str:
     if directory.is_converted(path):
         return directory.read_metadata(path)["itm_first_token"]
     return "enc" if path.lower().endswith((".pth", ".pt")) else "cls"
+
+
+def _read(
+    path: str, model_config: Mapping[str, Any] | None, image_size: int | None
+) -> tuple[BlipConfig | ContextBLIPConfig, dict[str, Any], dict[str, Any]]:
+    if model_config:
+        raise ValueError(f"{path} is already converted; its architecture cannot be overridden")
+    config, params, metadata = directory.read_converted(path)
+    blip = config.blip if isinstance(config, ContextBLIPConfig) else config
+    if image_size and image_size != blip.vision.image_size:
+        prefix = "blip." if isinstance(config, ContextBLIPConfig) else ""
+        changes = {"vision": {"image_size": image_size}}
+        config = config.override({"blip": changes} if prefix else changes)
+        name = f"{prefix}vision.pos_embed"
+        params[name] = resample_posemb(params[name], image_size // blip.vision.patch_size)
+    return config, params, metadata
+
+
+def _with_image_size(model_config: Mapping[str, Any] | None, image_size: int | None, nested: bool) -> dict[str, Any]:
+    overrides = dict(model_config or {})
+    if image_size:
+        change = {"vision": {"image_size": image_size}}
+        overrides = deep_merge(overrides, {"blip": change} if nested else change)
+    return overrides

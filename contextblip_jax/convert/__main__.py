@@ -1,9 +1,11 @@
-"""Convert a PyTorch BLIP checkpoint to an Orbax folder that `load_blip` and the trainer read.
+"""Convert a PyTorch BLIP or ContextBLIP checkpoint to an Orbax folder that the loaders and the trainer read.
 
-    python -m contextblip_jax.convert --input SRC --output DIR [--image-size 224] [--dtype bfloat16]
+    python -m contextblip_jax.convert --input SRC --output DIR [--target auto|blip|contextblip]
+        [--image-size 224] [--dtype bfloat16] [--model-config JSON]
 
-SRC: a Hugging Face BLIP folder, a `.safetensors` / `.bin` file, or an original salesforce/BLIP `.pth`.
-Every missing, unused or mis-shaped key is reported by name and nothing is written to DIR.
+SRC: a Hugging Face BLIP folder, a `.safetensors` / `.bin` file, an original salesforce/BLIP `.pth`, or one of
+the ContextBLIP authors' stage checkpoints. Every missing, unused or mis-shaped key is reported by name and
+nothing is written to DIR.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 from absl import app, flags, logging
 
 from contextblip_jax.convert import directory
-from contextblip_jax.convert.blip import convert_blip
+from contextblip_jax.convert.contextblip import full_params
+from contextblip_jax.convert.dispatch import TARGETS, convert_any
 from contextblip_jax.convert.errors import ConversionError
-from contextblip_jax.convert.sources import read_checkpoint
+from contextblip_jax.models.config import deep_merge
 
 _INPUT = flags.DEFINE_string("input", None, "PyTorch checkpoint: HF folder, .safetensors, .bin, .pth or .pt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create with the Orbax checkpoint and model config.")
@@ -27,13 +30,22 @@ _MODEL_CONFIG = flags.DEFINE_string(
     "model-config",
     None,
     "Partial model config overriding the source's, as inline JSON or a JSON file path, e.g. "
-    '\'{"vision": {"num_heads": 16}}\'. Fields the tensors determine must agree with them.',
+    '\'{"vision": {"num_heads": 16}}\' (BLIP) or \'{"blip": {...}, "tmim": {...}}\' (ContextBLIP). Fields the '
+    "tensors determine must agree with them.",
 )
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image-size", None, "Resolution to run at; position embeddings are resampled (bicubic) if it differs."
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype of the parameters.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output folder.")
+_TARGET = flags.DEFINE_enum(
+    "target",
+    "auto",
+    list(TARGETS),
+    "What to build: `blip` (BlipRetrieval), `contextblip` (ContextBLIP; from a BLIP source its new parts start "
+    "fresh), or `auto` (contextblip for the authors' checkpoints, blip otherwise).",
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the fresh initialisation of ContextBLIP parts the source lacks.")
 
 
 def _overrides() -> dict[str, Any]:
@@ -50,7 +62,9 @@ def _overrides() -> dict[str, Any]:
         if not isinstance(overrides, dict):
             raise ConversionError(_MODEL_CONFIG.value, ["--model-config must be a JSON object"])
     if _IMAGE_SIZE.value:
-        overrides["vision"] = {**overrides.get("vision", {}), "image_size": _IMAGE_SIZE.value}
+        change = {"vision": {"image_size": _IMAGE_SIZE.value}}
+        nested = "blip" in overrides or _TARGET.value == "contextblip"
+        overrides = deep_merge(overrides, {"blip": change} if nested else change)
     return overrides
 
 
@@ -60,24 +74,23 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     try:
         directory.check_output(_OUTPUT.value, _OVERWRITE.value)
-        overrides = _overrides()
-        logging.info("reading %s", _INPUT.value)
-        raw = read_checkpoint(_INPUT.value)
-        source_format, tokenizer_dir = raw.format, raw.tokenizer_dir
-        logging.info("read %d tensors (%s); checking and converting", len(raw.tensors), source_format)
-        converted = convert_blip(raw, overrides)
-    except (ConversionError, FileExistsError) as error:
+        logging.info("reading and checking %s", _INPUT.value)
+        conversion = convert_any(_INPUT.value, _TARGET.value, _overrides())
+    except (ConversionError, FileExistsError, ValueError) as error:
         sys.exit(f"error: {error}")
-    logging.info("writing %s (%s)", _OUTPUT.value, _DTYPE.value)
+    params = conversion.params
+    if conversion.model == "contextblip":
+        params = full_params(conversion.config, params, seed=_SEED.value)
+    count = sum(p.size for p in params.values())
+    logging.info("writing %s (%s model, %s)", _OUTPUT.value, conversion.model, _DTYPE.value)
+    metadata = {**conversion.metadata, "source": os.path.abspath(_INPUT.value), "dtype": _DTYPE.value}
     directory.write_converted(
         _OUTPUT.value,
-        converted,
-        source=_INPUT.value,
-        source_format=source_format,
-        dtype=_DTYPE.value,
-        tokenizer_dir=tokenizer_dir,
+        config_json=conversion.config.to_json(),
+        params=params,
+        metadata=metadata,
+        tokenizer_dir=conversion.tokenizer_dir,
     )
-    count = sum(p.size for p in converted.params.values())
     logging.info(
         "converted %s -> %s: %d parameters, %.1fs", _INPUT.value, _OUTPUT.value, count, time.perf_counter() - start
     )

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,8 @@ from contextblip_jax.convert.mapping import Path, Rule, blip_rules
 from contextblip_jax.convert.sources import RawCheckpoint
 from contextblip_jax.models.blip import BlipRetrieval
 from contextblip_jax.models.config import BlipConfig
+
+M = TypeVar("M", bound=nnx.Module)
 
 
 @dataclasses.dataclass
@@ -38,9 +40,9 @@ def dotted(path: Path) -> str:
     return ".".join(str(part) for part in path)
 
 
-def param_shapes(config: BlipConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's shape, from abstract evaluation (no memory is allocated)."""
-    model = nnx.eval_shape(lambda: BlipRetrieval(config, rngs=nnx.Rngs(0)))
+def param_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape, from abstract evaluation of `factory` (no memory is allocated)."""
+    model = nnx.eval_shape(factory)
     return {dotted(path): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -50,21 +52,21 @@ def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None)
     `overrides` is a partial model config, e.g. `{"vision": {"image_size": 224}}`.
     """
     original = names.is_original_naming(raw.tensors)
-    tensors, dropped = _rename_and_drop(raw.tensors, original)
+    tensors, dropped = rename_and_drop(raw.tensors, original)
     raw.tensors.clear()  # `tensors` now holds the only references, freed one by one below
     config, problems = _resolve_config(raw, tensors, original, overrides or {})
     if config is None:
         raise ConversionError(raw.path, problems)
     rules = blip_rules(config)
-    shapes = param_shapes(config)
+    shapes = param_shapes(lambda: BlipRetrieval(config, rngs=nnx.Rngs(0)))
     if set(map(dotted, rules)) != set(shapes):
         raise AssertionError("conversion rules and model parameters disagree; this is a bug")
-    problems += _check(rules, shapes, tensors)
+    problems += check_rules(rules, shapes, tensors)
     if problems:
         raise ConversionError(raw.path, problems)
     return ConvertedBlip(
         config=config,
-        params=_apply(rules, shapes, tensors),
+        params=apply_rules(rules, shapes, tensors),
         itm_first_token="enc" if original else "cls",
         dropped=dropped,
     )
@@ -72,15 +74,21 @@ def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None)
 
 def build_model(config: BlipConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32) -> BlipRetrieval:
     """A `BlipRetrieval` holding `params` (cast to float32) and computing in `dtype`."""
-    model = nnx.eval_shape(lambda: BlipRetrieval(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return load_params(nnx.eval_shape(lambda: BlipRetrieval(config, dtype=dtype, rngs=nnx.Rngs(0))), params)
+
+
+def load_params(model: M, params: Mapping[str, Any]) -> M:
+    """`model` with the parameters named in `params` (dotted paths) set, as float32. An abstract model (from
+    `nnx.eval_shape`) needs every parameter; a real one keeps its own values for those not given."""
     graphdef, state = nnx.split(model)
     for path, variable in nnx.to_flat_state(state):
-        if isinstance(variable, nnx.Param):
-            variable.set_value(jnp.asarray(params[dotted(path)], dtype=jnp.float32))
+        name = dotted(path)
+        if isinstance(variable, nnx.Param) and name in params:
+            variable.set_value(jnp.asarray(params[name], dtype=jnp.float32))
     return nnx.merge(graphdef, state)
 
 
-def _rename_and_drop(tensors: dict[str, np.ndarray], original: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def rename_and_drop(tensors: dict[str, np.ndarray], original: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     kept: dict[str, np.ndarray] = {}
     dropped: Counter[str] = Counter()
     for key, value in tensors.items():
@@ -120,7 +128,7 @@ def _resolve_config(
     return (None if problems else config), problems
 
 
-def _check(
+def check_rules(
     rules: Mapping[Path, Rule], shapes: Mapping[str, tuple[int, ...]], tensors: Mapping[str, np.ndarray]
 ) -> list[str]:
     problems: list[str] = []
@@ -134,7 +142,7 @@ def _check(
     return list(dict.fromkeys(problems))
 
 
-def _apply(
+def apply_rules(
     rules: Mapping[Path, Rule], shapes: Mapping[str, tuple[int, ...]], tensors: dict[str, np.ndarray]
 ) -> dict[str, jax.Array]:
     """Applies every rule, freeing each source tensor after its last use to keep peak memory near 1x.

@@ -2,7 +2,8 @@
 
 ```
 DIR/model_config.json   the architecture (BlipConfig as JSON)
-DIR/conversion.json     source path and format, storage dtype, ITM first token, dropped extras
+DIR/conversion.json     model (blip | contextblip), source path and format, storage dtype, ITM first token,
+                        dropped extras; for ContextBLIP the source stage and the freshly initialised parts
 DIR/params/             Orbax checkpoint of the flat parameter dict
 DIR/tokenizer/          the source's tokenizer files, when it had any
 ```
@@ -14,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from contextblip_jax import checkpoint
-from contextblip_jax.convert.blip import ConvertedBlip, to_dtype
+from contextblip_jax.convert.blip import to_dtype
 from contextblip_jax.convert.sources import TOKENIZER_FILES
-from contextblip_jax.models.config import BlipConfig
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
 
 CONFIG_FILE = "model_config.json"
 METADATA_FILE = "conversion.json"
@@ -43,41 +45,37 @@ def check_output(output: str, overwrite: bool) -> None:
 
 def write_converted(
     output: str,
-    converted: ConvertedBlip,
     *,
-    source: str,
-    source_format: str,
-    dtype: str,
+    config_json: str,
+    params: Mapping[str, Any],
+    metadata: Mapping[str, Any],
     tokenizer_dir: str | None,
 ) -> None:
+    """Writes DIR; `metadata` must name the storage `dtype` and the `model` (`blip` or `contextblip`)."""
     staging = f"{output.rstrip(os.sep)}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
         with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            f.write(converted.config.to_json())
-        metadata = {
-            "source": os.path.abspath(source),
-            "format": source_format,
-            "dtype": dtype,
-            "itm_first_token": converted.itm_first_token,
-            "dropped": converted.dropped,
-        }
+            f.write(config_json)
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
-            json.dump(metadata, f, indent=2, sort_keys=True)
+            json.dump(dict(metadata), f, indent=2, sort_keys=True)
         if tokenizer_dir:
             _copy_tokenizer(tokenizer_dir, os.path.join(staging, TOKENIZER_DIR))
-        checkpoint.save_params(os.path.join(staging, PARAMS_DIR), to_dtype(converted.params, dtype))
+        checkpoint.save_params(os.path.join(staging, PARAMS_DIR), to_dtype(params, metadata["dtype"]))
         shutil.rmtree(output, ignore_errors=True)
         os.replace(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_converted(path: str) -> tuple[BlipConfig, dict[str, np.ndarray], dict[str, Any]]:
+def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """(architecture, parameters, metadata) of a converted folder; the metadata says which model it holds."""
+    metadata = read_metadata(path)
+    config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
     with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = BlipConfig.from_json(f.read())
-    return config, checkpoint.restore_params(os.path.join(path, PARAMS_DIR)), read_metadata(path)
+        config = config_class.from_json(f.read())
+    return config, checkpoint.restore_params(os.path.join(path, PARAMS_DIR)), metadata
 
 
 def read_metadata(path: str) -> dict[str, Any]:

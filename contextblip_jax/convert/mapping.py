@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from contextblip_jax.models.config import BlipConfig
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
 from contextblip_jax.models.vit import resample_posemb
 
 Path = tuple[str | int, ...]
@@ -141,12 +141,57 @@ def blip_rules(config: BlipConfig) -> dict[Path, Rule]:
         rules.update(_dense(f"{src}.mlp.fc1", (*dst, "fc1")))
         rules.update(_dense(f"{src}.mlp.fc2", (*dst, "fc2")))
     for i in range(config.text.depth):
-        src, dst = f"{t}.encoder.layer.{i}", ("text", "layers", i)
-        rules.update(_text_attention(f"{src}.attention", (*dst, "self_attn")))
-        rules.update(_layer_norm(f"{src}.attention.output.LayerNorm", (*dst, "self_norm")))
+        rules.update(bert_layer_rules(f"{t}.encoder.layer.{i}", ("text", "layers", i), cross_attention=True))
+    return rules
+
+
+def bert_layer_rules(src: str, dst: Path, cross_attention: bool) -> dict[Path, Rule]:
+    """A BERT layer under BERT's names (`attention.self.query`, ...) -> a `TextLayer`."""
+    rules = {
+        **_text_attention(f"{src}.attention", (*dst, "self_attn")),
+        **_layer_norm(f"{src}.attention.output.LayerNorm", (*dst, "self_norm")),
+        **_dense(f"{src}.intermediate.dense", (*dst, "fc1")),
+        **_dense(f"{src}.output.dense", (*dst, "fc2")),
+        **_layer_norm(f"{src}.output.LayerNorm", (*dst, "mlp_norm")),
+    }
+    if cross_attention:
         rules.update(_text_attention(f"{src}.crossattention", (*dst, "cross_attn")))
         rules.update(_layer_norm(f"{src}.crossattention.output.LayerNorm", (*dst, "cross_norm")))
-        rules.update(_dense(f"{src}.intermediate.dense", (*dst, "fc1")))
-        rules.update(_dense(f"{src}.output.dense", (*dst, "fc2")))
-        rules.update(_layer_norm(f"{src}.output.LayerNorm", (*dst, "mlp_norm")))
     return rules
+
+
+BLIP_PREFIX = "pretrained_blip."
+"""Where the authors' ContextBLIP files keep BLIP (after their `blip.` wrappers are stripped)."""
+
+
+def contextblip_rules(config: ContextBLIPConfig) -> dict[str, dict[Path, Rule]]:
+    """Rules per part of `ContextBLIP(config)` from the authors' names (`blip.` wrappers stripped, BLIP itself
+    renamed to Hugging Face names under `pretrained_blip.`). Parts: blip, adapter, tmim, head, context."""
+    tmim = config.tmim
+    parts: dict[str, dict[Path, Rule]] = {
+        "blip": {
+            ("blip", *path): dataclasses.replace(rule, key=BLIP_PREFIX + rule.key)
+            for path, rule in blip_rules(config.blip).items()
+        },
+        "adapter": {
+            **{
+                ("adapter", "down", i, "kernel"): _linear(f"vision_adapter.down.{i}.fc.0.weight")
+                for i in range(len(config.adapter.resolved_levels(config.blip.vision.depth)))
+            },
+            ("adapter", "up", "kernel"): _linear("vision_adapter.up.fc.0.weight"),
+        },
+        "tmim": {
+            ("tmim", "mask_token"): _same("mask_embed"),
+            ("tmim", "position"): _same("decoder_pos_embed.weight"),
+            ("tmim", "text_adapter", "fc1", "kernel"): _linear("text_adapter.fc.0.weight"),
+            ("tmim", "text_adapter", "fc2", "kernel"): _linear("text_adapter.fc.2.weight"),
+            **_dense("recon_head", ("tmim", "head")),
+        },
+        "head": _dense("prediction_layer", ("head", "proj")),
+        "context": {("context", "position"): _same("positional_emb.weight")},
+    }
+    for i in range(tmim.decoder_depth):
+        parts["tmim"].update(bert_layer_rules(f"visual_decoder.encoder.layer.{i}", ("tmim", "layers", i), True))
+    for i in range(config.context.depth):
+        parts["context"].update(bert_layer_rules(f"transformer.{i}", ("context", "layers", i), False))
+    return parts

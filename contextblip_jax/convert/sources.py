@@ -100,10 +100,10 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
             path, ["reading a PyTorch pickle needs torch: pip install -r requirements-dev.txt"]
         ) from error
     obj = _torch_load(torch, path)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    for wrapper in ("model", "model_state_dict", "state_dict"):  # salesforce/BLIP, ContextBLIP authors, others
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict):
         raise ConversionError(path, [f"pickle holds a {type(obj).__name__}, not a state dict"])
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]

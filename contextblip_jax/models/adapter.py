@@ -22,9 +22,9 @@ from contextblip_jax.models.layers import DEFAULT_INIT, Dense
 
 
 class MultiLevelAdapter(nnx.Module):
-    def __init__(self, config: AdapterConfig, width: int, grid: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, config: AdapterConfig, width: int, depth: int, grid: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         hidden = width // config.reduction
-        self.levels = tuple(config.levels)
+        self.levels = config.resolved_levels(depth)
         self.grid = grid
         self.down = nnx.List(
             [Dense((width,), (hidden,), ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs) for _ in self.levels]

@@ -106,13 +106,7 @@ class BlipConfig:
 
     def override(self, changes: dict[str, Any]) -> BlipConfig:
         """Returns this config with the (nested, partial) `changes` applied."""
-        merged = self.to_dict()
-        for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
-        return BlipConfig.from_dict(merged)
+        return BlipConfig.from_dict(deep_merge(self.to_dict(), changes))
 
 
 def flat_items(config: BlipConfig) -> dict[str, Any]:
@@ -124,6 +118,17 @@ def flat_items(config: BlipConfig) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied recursively (a partial nested dict overrides only what it names)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _field_names(cls: type) -> set[str]:
@@ -143,11 +148,19 @@ def _check_activation(tower: str, name: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
     """ContextBLIP's multi-level adapter (reference §3): ViT blocks `levels` (1-indexed), width / `reduction`
-    per level. `conv_kernels` switches on the optional depthwise-convolution branch (off: the authors' design)."""
+    per level. `conv_kernels` switches on the optional depthwise-convolution branch (off: the authors' design).
 
-    levels: tuple[int, ...] = (3, 6, 9, 12)
+    Empty `levels` means four levels spread evenly over the ViT: 3/6/9/12 for ViT-B, 6/12/18/24 for ViT-L.
+    """
+
+    levels: tuple[int, ...] = ()
     reduction: int = 2
     conv_kernels: tuple[int, ...] = ()
+
+    def resolved_levels(self, depth: int, count: int = 4) -> tuple[int, ...]:
+        if self.levels:
+            return tuple(self.levels)
+        return tuple(sorted({max(1, depth * (i + 1) // count) for i in range(count)}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +201,9 @@ class ContextBLIPConfig:
     def validate(self) -> None:
         self.blip.validate()
         depth = self.blip.vision.depth
-        if not self.adapter.levels or any(not 1 <= level <= depth for level in self.adapter.levels):
-            raise ValueError(f"adapter.levels {self.adapter.levels} must be ViT blocks between 1 and {depth}")
+        levels = self.adapter.resolved_levels(depth)
+        if any(not 1 <= level <= depth for level in levels):
+            raise ValueError(f"adapter.levels {levels} must be ViT blocks between 1 and {depth}")
         if self.blip.vision.width % self.adapter.reduction:
             raise ValueError(f"vision.width {self.blip.vision.width} is not divisible by adapter.reduction")
         if any(k % 2 == 0 for k in self.adapter.conv_kernels):
@@ -199,8 +213,15 @@ class ContextBLIPConfig:
         _check_heads("tmim decoder", self.blip.vision.width, self.tmim.decoder_heads)
         _check_heads("context", self.blip.text.width, self.context.num_heads)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def override(self, changes: dict[str, Any]) -> ContextBLIPConfig:
+        """Returns this config with the (nested, partial) `changes` applied."""
+        return ContextBLIPConfig.from_dict(deep_merge(self.to_dict(), changes))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextBLIPConfig:

@@ -61,7 +61,9 @@ class ContextBLIP(nnx.Module):
         self.config = config
         vision, text = config.blip.vision, config.blip.text
         self.blip = BlipRetrieval(config.blip, dtype=dtype, rngs=rngs)
-        self.adapter = MultiLevelAdapter(config.adapter, vision.width, vision.grid, dtype=dtype, rngs=rngs)
+        self.adapter = MultiLevelAdapter(
+            config.adapter, vision.width, vision.depth, vision.grid, dtype=dtype, rngs=rngs
+        )
         self.tmim = TMIMDecoder(
             config.tmim,
             width=vision.width,
@@ -134,6 +136,8 @@ class ContextBLIP(nnx.Module):
     ) -> dict[str, jax.Array]:
         """Stage 1 on image-caption pairs [B, H, W, 3] / [B, T]: ITM with hard negatives, TMIM (and the optional
         mask prediction). `input_ids` carry `[ENC]` first; the ITC pass swaps in `[CLS]`."""
+        if images.shape[0] < 2:
+            raise ValueError("stage 1 needs at least 2 image-caption pairs per batch to draw hard negatives")
         sample_key, mask_key = jax.random.split(key)
         vision = self.blip.vision(images)
         plain = vision.last_hidden_state

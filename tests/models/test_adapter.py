@@ -73,3 +73,11 @@ def test_conv_branch_is_off_by_default_and_works_on_patch_subsets():
     visible = jnp.array([[0, 3, 5, 9, 15], [1, 2, 4, 8, 12]])
     assert model.encode_visible(x, visible).shape == (2, 6, 32)
     assert dataclasses.asdict(config)["adapter"]["conv_kernels"] == (1, 3)
+
+
+def test_default_levels_scale_with_depth():
+    assert AdapterConfig().resolved_levels(12) == (3, 6, 9, 12)
+    assert AdapterConfig().resolved_levels(24) == (6, 12, 18, 24)
+    assert AdapterConfig(levels=(2, 5)).resolved_levels(24) == (2, 5)
+    model = nnx.eval_shape(lambda: ContextBLIP(ContextBLIPConfig(), rngs=nnx.Rngs(0)))
+    assert model.adapter.levels == (3, 6, 9, 12)

@@ -98,3 +98,21 @@ def test_mean_cross_attention_drops_cls_and_stops_gradient():
     np.testing.assert_allclose(mean, 1.0)
     grad = jax.grad(lambda m: tmim.mean_cross_attention([m]).sum())(maps[0])
     np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_stage_one_compiles_once_for_any_mask():
+    """Every example masks the same number of patches, so new keys and new text masks reuse one executable."""
+    model = ContextBLIP(tiny_contextblip(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def losses(state, key, attention_mask):
+        return nnx.merge(graphdef, state).pretrain_losses(images, ids, attention_mask, key)
+
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 32, 32, 3)), jnp.float32)
+    ids = jnp.array([[30523, 5, 6, 7, 102], [30523, 8, 102, 0, 0], [30523, 9, 10, 102, 0]])
+    for seed, cut in ((0, 5), (1, 3), (2, 4)):
+        mask = (jnp.arange(5)[None] < jnp.array([[5], [cut], [4]])).astype(jnp.int32)
+        result = losses(state, jax.random.key(seed), mask)
+        assert np.isfinite(float(result["tmim"]))
+    assert losses._cache_size() == 1
