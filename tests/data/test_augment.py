@@ -1,0 +1,143 @@
+"""Augmentation: text-aware flip, one draw per example for all 10 images, reproducible from a seed; decoding."""
+
+from __future__ import annotations
+
+import io
+
+import chex
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from contextblip_jax.data import augment, preprocess, transforms
+from contextblip_jax.data.augment import AugmentConfig
+from contextblip_jax.data.errors import DataError
+
+ALL_ON = AugmentConfig(random_resized_crop=True, randaugment_layers=3, randaugment_magnitude=6, flip="text_aware")
+
+
+@pytest.mark.parametrize(
+    ("text", "flipped"),
+    [
+        ("the dog on the left", "the dog on the right"),
+        ("Left of the car, right of the tree", "Right of the car, left of the tree"),
+        ("LEFT and RIGHT", "RIGHT and LEFT"),
+        ("the leftmost cup and the rightmost one", "the rightmost cup and the leftmost one"),
+        ("a right-hand glove, a lefthanded player", "a left-hand glove, a righthanded player"),
+        ("moving leftwards on the right side", "moving rightwards on the left side"),
+        ("bright copyright leftover lights", "bright copyright leftover lights"),
+    ],
+)
+def test_flip_text_swaps_left_and_right_keeping_case(text, flipped):
+    assert augment.flip_text(text) == flipped
+
+
+@given(
+    st.lists(
+        st.sampled_from(["left", "Right", "LEFT", "rightmost", "the", "Bright", "leftover", ",", "-"]), max_size=12
+    )
+)
+def test_flip_text_is_an_involution(words):
+    text = " ".join(words)
+    assert augment.flip_text(augment.flip_text(text)) == text
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def scene(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """An asymmetric image: a bright block in the left part, so flips and crops change it."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 80, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[5:20, 3:15] = (250, 30, 30)
+    return Image.fromarray(pixels)
+
+
+def element(images: list[bytes], description: str = "a red block on the left") -> dict:
+    return {
+        "example_id": 0,
+        "set_name": "MSR-VTT-x",
+        "description": description,
+        "description_index": 0,
+        "target": 2,
+        "is_video": True,
+        "image_names": tuple(f"img{i}.jpg" for i in range(len(images))),
+        "images": tuple(images),
+    }
+
+
+def prepare(config: AugmentConfig, train: bool = True) -> transforms.PrepareImageCode:
+    return transforms.PrepareImageCode(image_size=24, max_text_length=16, augment=config, train=train)
+
+
+def test_augmentation_is_reproducible_from_a_seed_and_varies_with_it():
+    example = element([jpeg(scene(i)) for i in range(10)])
+    run = prepare(ALL_ON)
+    first = run(example, np.random.default_rng(7))
+    again = run(example, np.random.default_rng(7))
+    chex.assert_trees_all_equal(first, again)
+    others = [run(example, np.random.default_rng(seed))["images"] for seed in range(8, 14)]
+    assert all(not np.array_equal(first["images"], other) for other in others)
+
+
+def test_one_draw_is_applied_to_all_ten_images():
+    example = element([jpeg(scene(0))] * 10)
+    plain = prepare(AugmentConfig(), train=False)(example)["images"]
+    for seed in range(5):
+        out = prepare(ALL_ON)(example, np.random.default_rng(seed))["images"]
+        chex.assert_shape(out, (10, 24, 24, 3))
+        for k in range(1, 10):
+            chex.assert_trees_all_equal(out[k], out[0])
+        assert not np.array_equal(out[0], plain[0])
+
+
+def test_text_aware_flip_mirrors_the_images_and_swaps_the_description():
+    example = element([jpeg(scene(i)) for i in range(10)])
+    always = AugmentConfig(flip="text_aware", flip_probability=1.0)
+    flipped = prepare(always)(example, np.random.default_rng(0))
+    plain = prepare(AugmentConfig(), train=False)(example)
+    chex.assert_trees_all_equal(flipped["images"], plain["images"][:, :, ::-1])
+    ids, _ = preprocess.BlipTokenizer()(["a red block on the right"], 16)
+    chex.assert_trees_all_equal(flipped["input_ids"], ids[0])
+    off = prepare(AugmentConfig(flip="off", random_resized_crop=True))(example, np.random.default_rng(0))
+    chex.assert_trees_all_equal(off["input_ids"], plain["input_ids"])
+
+
+def test_random_resized_crop_boxes_follow_scale_and_ratio():
+    config = AugmentConfig(random_resized_crop=True, crop_scale=(0.3, 0.8), crop_ratio=(0.75, 1.25))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = augment.sample(rng, config, 300, 200).crop
+        assert 0 <= left < right <= 1 and 0 <= top < bottom <= 1
+        area = (right - left) * (bottom - top)
+        ratio = (right - left) * 300 / ((bottom - top) * 200)
+        assert 0.3 - 1e-9 <= area <= 0.8 + 1e-9 and 0.75 - 1e-9 <= ratio <= 1.25 + 1e-9
+
+
+def test_config_errors_name_the_field():
+    for bad, field in [
+        ({"flip": "plain"}, "flip"),
+        ({"crop_scale": (0.0, 1.0)}, "crop_scale"),
+        ({"randaugment_magnitude": 11}, "randaugment"),
+        ({"flip_probability": 2}, "flip_probability"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            AugmentConfig(**bad)
+
+
+def test_decode_rejects_truncated_and_non_jpeg_files_naming_them():
+    data = jpeg(scene(1, (64, 64)))
+    with pytest.raises(DataError, match="cannot decode JPEG") as raised:
+        preprocess.decode_jpeg(data[: len(data) // 2], "image-sets/s/img3.jpg", "s")
+    assert str(raised.value).startswith("image-sets/s/img3.jpg [set s]")
+    png = io.BytesIO()
+    scene(1).save(png, "PNG")
+    with pytest.raises(DataError, match="not a JPEG"):
+        preprocess.decode_jpeg(png.getvalue(), "img0.jpg", "s")
+    assert preprocess.decode_jpeg(data, "img0.jpg").size == (64, 64)
+    assert preprocess.decode_jpeg(jpeg(scene(1, (400, 400))), "big.jpg", draft_size=64).size == (100, 100)
