@@ -1,0 +1,307 @@
+"""Mesh, logical-axis rules, shardings for state and batch, and multi-process start-up.
+
+The same step runs on 1 CPU, 8 simulated CPU devices, a GPU node and a TPU pod; only config values differ.
+That works because the mesh always has the three axes `data`, `fsdp` and `tensor` (size 1 where unused),
+every parameter names its dimensions with logical axes (`embed`, `mlp`, `heads`, ... in `models/layers.py`),
+and the rules here map those names onto mesh axes. Model code never mentions a mesh axis.
+
+Typical use in a trainer (`jax.jit` with explicit shardings is the pjit; there is no `pmap`):
+
+    initialize_distributed(coordinator, num_processes, process_id)  # before anything touches devices
+    mesh = make_mesh(mesh_shape)  # e.g. (-1, 1, 1): pure data parallelism over every device
+    rules = logical_rules(rule_overrides)
+    check_batch(global_batch, mesh)
+    graphdef, state, shardings = init_sharded(lambda: ContextBLIP(model_config, rngs=nnx.Rngs(seed)), mesh, rules)
+    step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=..., donate_argnums=0)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from absl import logging
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from flax.linen import logical_to_mesh_axes
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+"""Mesh axis names, in the order a config's mesh shape gives their sizes."""
+
+BATCH_AXES = ("data", "fsdp")
+"""Both data parallelism and FSDP split the batch; FSDP additionally splits the parameters."""
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+
+DEFAULT_RULES: Rules = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+)
+"""Logical axis -> mesh axes, in priority order (flax semantics: within one array a mesh axis is used at most
+once, so an earlier rule wins a conflict). Logical names without a rule are replicated."""
+
+
+# -- mesh --------------------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, ...]:
+    """The mesh sizes for `device_count` devices, with a single -1 standing for "the rest".
+
+    Pure arithmetic, so a config can be checked before any device is touched or anything compiled.
+    """
+    given = tuple(shape)
+    if len(given) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {given} must give {len(MESH_AXES)} sizes, one per axis {MESH_AXES}")
+    if any(not isinstance(s, numbers.Integral) or isinstance(s, bool) or (s < 1 and s != -1) for s in given):
+        raise ValueError(f"mesh shape {given}: sizes must be positive integers or a single -1")
+    given = tuple(int(s) for s in given)
+    if given.count(-1) > 1:
+        raise ValueError(f"mesh shape {given}: at most one axis may be -1 (the rest of the {device_count} devices)")
+    fixed = math.prod(s for s in given if s != -1)
+    if -1 in given:
+        if device_count % fixed:
+            raise ValueError(f"mesh shape {given}: the fixed axes ({fixed}) do not divide the {device_count} devices")
+        return tuple(device_count // fixed if s == -1 else s for s in given)
+    if fixed != device_count:
+        raise ValueError(f"mesh shape {given} needs {fixed} devices, but there are {device_count}")
+    return given
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (or `devices`); `shape` as in `resolve_mesh_shape`.
+
+    `jax.make_mesh` orders the devices for the hardware's interconnect (TPU torus rings, GPU NVLink islands).
+    The axes are `Auto` (GSPMD propagates shardings through the step from the jit in/out shardings);
+    jax 0.10 would default to `Explicit`, which makes every operation's sharding part of its type.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    mesh = jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    logging.info("mesh %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
+    return mesh
+
+
+# -- logical axes --------------------------------------------------------------------------------------------------
+
+
+def logical_rules(overrides: Sequence[Sequence[Any]] | None = None) -> Rules:
+    """`DEFAULT_RULES` with a config's `(logical, mesh axes)` pairs taking precedence.
+
+    A logical name given in `overrides` drops all its default rules; mesh axes may be a name, a sequence of
+    names (ml_collections hands back lists) or None (replicate). Unknown mesh axes are an error naming the rule.
+    """
+    given: list[tuple[str, MeshAxes]] = []
+    for rule in overrides or ():
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"sharding rule {rule!r} must be a (logical axis, mesh axes) pair")
+        logical, target = rule
+        if target is not None and not isinstance(target, str):
+            target = tuple(target) or None
+        names = () if target is None else (target,) if isinstance(target, str) else target
+        unknown = [name for name in names if name not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"sharding rule {rule!r} names mesh axes {unknown}; the mesh has {MESH_AXES}")
+        given.append((logical, target))
+    overridden = {logical for logical, _ in given}
+    return (*given, *((logical, target) for logical, target in DEFAULT_RULES if logical not in overridden))
+
+
+def logical_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh | AbstractMesh,
+    rules: Rules = DEFAULT_RULES,
+    *,
+    name: str | None = None,
+) -> PartitionSpec:
+    """The PartitionSpec for an array of `shape` whose dimensions carry `logical_axes`.
+
+    A dimension its mesh axes do not divide is replicated instead (logged at INFO under `name`): tiny test
+    models, two-head decoders and odd vocabularies then run on any mesh, only less sharded.
+    """
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"{name or 'array'}: logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    spec = list(logical_to_mesh_axes(tuple(logical_axes), rules))
+    sizes = dict(mesh.shape)
+    replicated = []
+    for dim, (size, target) in enumerate(zip(shape, spec, strict=True)):
+        if target is None:
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        missing = [axis for axis in names if axis not in sizes]
+        if missing:
+            raise ValueError(f"{name or 'array'}: rules map to mesh axes {missing} that the mesh {sizes} lacks")
+        ways = math.prod(sizes[axis] for axis in names)
+        if size % ways:
+            spec[dim] = None
+            replicated.append(f"dim {dim} ({logical_axes[dim]}={size}) over {names} ({ways})")
+    if replicated and name:
+        logging.info("%s: replicated %s: not divisible", name, "; ".join(replicated))
+    return PartitionSpec(*spec)
+
+
+def with_logical_constraint(
+    x: jax.Array,
+    logical_axes: Sequence[str | None],
+    rules: Rules | None = None,
+    mesh: Mesh | AbstractMesh | None = None,
+) -> jax.Array:
+    """Constrains an activation's sharding by logical axis names, e.g. `("batch", None, "embed")`.
+
+    Defaults let model code stay mesh-free: the mesh is the one set by `jax.set_mesh` and the rules those of
+    `nnx.logical_axis_rules` (else `DEFAULT_RULES`). Without a mesh (conversion, 1-device tests) it is a no-op.
+    """
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return x
+    rules = (flax_spmd.get_logical_axis_rules() or DEFAULT_RULES) if rules is None else rules
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(logical_axes, x.shape, mesh, rules)))
+
+
+# -- state ---------------------------------------------------------------------------------------------------------
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every array in an `nnx.State` (concrete or from `nnx.eval_shape`), same structure.
+
+    A variable's `out_sharding` metadata (its logical axes) goes through `rules`. That covers Params and also
+    `nnx.Optimizer`'s moments, which copy their parameter's metadata: sharding them like the parameters is
+    what makes FSDP save optimizer memory. Variables without that metadata (RNG state, step counts) and plain
+    arrays are replicated. The result can be passed to `jax.jit(in_shardings=/out_shardings=)` and
+    `jax.device_put` for the state it was computed from.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(path: tuple, leaf: Any) -> Any:
+        if not _is_variable(leaf):
+            return replicated
+        axes = leaf.get_metadata().get("out_sharding")
+        shape = tuple(getattr(leaf.get_value(), "shape", ()))
+        if not axes:
+            return leaf.replace(replicated)
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        return leaf.replace(NamedSharding(mesh, logical_spec(axes, shape, mesh, rules, name=name)))
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=_is_variable)
+
+
+def shard_state(state: Any, shardings: Any) -> Any:
+    """Places `state` as `shardings` say (a tree from `param_shardings`): converted or restored weights."""
+    return jax.device_put(state, shardings)
+
+
+def init_sharded(
+    create: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> tuple[nnx.GraphDef, nnx.State, Any]:
+    """Builds `create()`'s state directly in its shards: (graphdef, state, shardings).
+
+    Initialising inside `jax.jit` with `out_shardings` means no device ever holds the whole model, which a
+    ViT-L on a TPU pod needs. Threefry is partitionable, so the values match an eager `create()` up to float
+    rounding whatever the mesh.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(create))
+    shardings = param_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+    return graphdef, state, shardings
+
+
+# -- batch ---------------------------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh | AbstractMesh, ndim: int = 1) -> NamedSharding:
+    """Splits the leading (batch) axis over data × fsdp and replicates the other `ndim - 1` axes (and `tensor`)."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def check_batch(global_batch: int, mesh: Mesh | AbstractMesh) -> None:
+    """Fails before compilation when the global batch cannot be split evenly over data × fsdp."""
+    ways = math.prod(dict(mesh.shape)[axis] for axis in BATCH_AXES)
+    if global_batch < 1 or global_batch % ways:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by the data-parallel size {ways} "
+            f"(data × fsdp of mesh {dict(mesh.shape)})"
+        )
+
+
+# -- multi-process -------------------------------------------------------------------------------------------------
+
+
+def _count(value: str | None) -> int:
+    """An integer from the environment, 0 when absent or malformed (a count of 0 means 'not a cluster')."""
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def _detected_cluster() -> str | None:
+    """Describes the multi-process launcher this process runs under, or None for a single process.
+
+    Only the environment is read: jax's own cluster detection then finds coordinator and process ids.
+    """
+    env = os.environ
+    tasks = _count(env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS"))
+    if "SLURM_JOB_ID" in env and tasks > 1:
+        return f"SLURM job {env['SLURM_JOB_ID']} with {tasks} tasks"
+    if _count(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
+        return f"Open MPI with {env['OMPI_COMM_WORLD_SIZE']} ranks"
+    for variable in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        hosts = [host for host in env.get(variable, "").split(",") if host.strip()]
+        if len(hosts) > 1:
+            return f"TPU pod ({variable} lists {len(hosts)} hosts)"
+    if _count(env.get("MEGASCALE_NUM_SLICES")) > 1:
+        return f"TPU multislice with {env['MEGASCALE_NUM_SLICES']} slices"
+    return None
+
+
+def initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Starts `jax.distributed` when this is one of several processes; returns whether it did.
+
+    Must run before anything else touches jax devices. Explicit arguments win (`coordinator="auto"` asks jax
+    to detect everything, e.g. on a GCE TPU pod whose topology lives in the metadata server). Without them a
+    SLURM job with several tasks, an Open MPI run or a TPU pod announced in the environment is detected and
+    `jax.distributed.initialize()` is left to find coordinator and ids itself. Anything else is one process.
+    """
+    if jax.distributed.is_initialized():
+        logging.info("jax.distributed already initialised")
+        return False
+    explicit = any(value is not None for value in (coordinator, num_processes, process_id))
+    if explicit and num_processes == 1:
+        logging.info("single process (num_processes=1): jax.distributed not started")
+        return False
+    if explicit:
+        if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is outside 0..{num_processes - 1} (num_processes)")
+        address = None if coordinator == "auto" else coordinator
+        logging.info(
+            "starting jax.distributed: coordinator=%s num_processes=%s process_id=%s",
+            address or "auto-detected",
+            num_processes,
+            process_id,
+        )
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+    else:
+        cluster = _detected_cluster()
+        if cluster is None:
+            logging.info("single process: jax.distributed not started")
+            return False
+        logging.info("starting jax.distributed for %s (auto-detected)", cluster)
+        jax.distributed.initialize()
+    logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    return True
