@@ -26,3 +26,49 @@ def restore_params(directory: str) -> dict[str, np.ndarray]:
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(os.path.abspath(directory))
     return {key: np.asarray(jax.device_get(value)) for key, value in restored.items()}
+
+
+class RunCheckpoints:
+    """A run's checkpoints under `W/checkpoints`: the train state and the data iterator's position, saved
+    together in one Orbax step (asynchronously, keeping the newest `keep`), so a resumed run continues the
+    same batches. Orbax writes each step to a temporary folder and renames it when complete."""
+
+    def __init__(self, workdir: str, keep: int):
+        import grain
+
+        self._grain = grain
+        self.manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"),
+            item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: object, iterator: object) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state: object, iterator: object) -> object:
+        """The train state at `step` (laid out as `abstract_state`'s shardings); `iterator` is repositioned."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=self._grain.checkpoint.CheckpointRestore(iterator)
+        )
+        return self.manager.restore(step, args=args)["state"]
+
+    def restore_state(self, step: int, abstract_state: object) -> object:
+        """Only the train state (e.g. to initialise the next stage from this run)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"
+        ]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,27 +1,267 @@
-"""`python -m contextblip_jax.train --config=configs/X.py --workdir=W`: the trainer (DESIGN.md contract 3).
+"""`python -m contextblip_jax.train --config=configs/X.py[:args] --workdir=W [--config.key=value ...]`.
 
-Not built yet: it arrives with the training issue. Until then this entry point says so and exits non-zero, so
-that no script mistakes it for a finished run.
+Reads top to bottom: mesh -> input -> model -> shardings -> step -> checkpoint -> evals -> loop. Running the
+same command again resumes from the newest checkpoint in W; SIGTERM (preemption) saves and exits 0.
+Contract (DESIGN.md §3): W/metrics.jsonl rows always carry `step` and `split`; validation rows carry `acc`,
+`acc_video`, `acc_static`.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import signal
 import sys
+import threading
+import time
 
-from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-flags.DEFINE_string("config", None, "ml_collections config file, e.g. configs/synthetic.py[:args].")
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl and plots.")
+from contextblip_jax import checkpoint, optim, parallel, run
+from contextblip_jax.data.pipeline import imagecode_dataset, make_global_batch
+from contextblip_jax.scoring import accuracy, score_split
+from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model, stage_loss
+from contextblip_jax.telemetry import Telemetry
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl, TensorBoard and plots.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs only).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs only).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs only).")
+
+
+class Preempted:
+    """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved.
+    Only the main thread may install signal handlers; elsewhere (a test thread) preemption is not watched."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(
+    config,
+    workdir: str,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> dict:
+    """Runs (or resumes) the training run in `workdir` and returns its summary: best validation rows, the plot
+    and the metrics file, or `preempted_at`."""
+    preempted = Preempted()
+    try:
+        return _train(config, workdir, preempted, coordinator, num_processes, process_id)
+    finally:
+        preempted.restore()
+
+
+def _train(config, workdir, preempted, coordinator, num_processes, process_id) -> dict:
+    run.check_config(config)
+    if config.stage == "zeroshot":
+        raise ValueError("the zeroshot stage does not train: use python -m contextblip_jax.evaluate")
+
+    # ---- Mesh --------------------------------------------------------------------------------------------
+    parallel.initialize_distributed(coordinator, num_processes, process_id)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
+    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+    # ---- Input -------------------------------------------------------------------------------------------
+    run.ensure_synthetic_data(config)
+    train_data = run.train_dataset(config)
+    iterator = iter(train_data)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    # ---- Model: a previous checkpoint of this run wins over `config.init` ------------------------------------
+    model, origin = run.initial_model(config)
+    run.save_model_config(workdir, model)
+    spec, trainable, frozen = split_model(model, run.trainable_pattern(config))
+    logging.info(
+        "model from %s: %d parameters train, %d frozen (pattern %r)",
+        origin,
+        sum(v.size for v in trainable.values()),
+        sum(v.size for v in frozen.values()),
+        run.trainable_pattern(config),
+    )
+
+    # ---- Shardings ---------------------------------------------------------------------------------------
+    param_sharding = run.flat_shardings(model, mesh, config.logical_rules)
+    del model
+    steps_per_epoch = config.optimizer.steps_per_epoch or max(_epoch_steps(config), 1)
+    tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable_sharding = {k: param_sharding[k] for k in trainable}
+    opt_sharding = _optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, replicated)
+    state_sharding = TrainState(
+        step=replicated,
+        trainable=trainable_sharding,
+        frozen={k: param_sharding[k] for k in frozen},
+        opt_state=opt_sharding,
+    )
+    init_state = jax.jit(
+        lambda t, f: TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t)), out_shardings=state_sharding
+    )
+    state = init_state(trainable, frozen)
+
+    # ---- Step --------------------------------------------------------------------------------------------
+    step_fn = make_train_step(
+        spec,
+        stage_loss(config.stage, config.loss),
+        tx,
+        seed=config.seed,
+        accum_steps=config.grad_accum_steps,
+        sum_reduced=config.stage != "pretrain",
+    )
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    predict = jax.jit(make_predict_step(spec, config.stage))
+
+    # ---- Checkpoint: resume if this workdir has one ----------------------------------------------------------
+    checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+        state = checkpoints.restore(start, abstract, iterator)
+        logging.info("resumed from step %d", start)
+    start = int(start or 0)
+    telemetry = Telemetry(workdir, config.total_steps)
+    telemetry.truncate_after(start)
+
+    # ---- Evals -------------------------------------------------------------------------------------------
+    def evaluate(step: int, state: TrainState) -> dict:
+        rows = {}
+        if config.stage == "pretrain":
+            return rows
+        data = run.data_config(config, train=False)
+        for split in config.eval.splits:
+            batches = imagecode_dataset(data, split, train=False)
+            scored = score_split(lambda b: predict(state.trainable, state.frozen, b), batches, batch_sharding)
+            rows[split] = {"step": step, "split": split, **accuracy(scored)}
+            telemetry.write(rows[split])
+            logging.info("step %d %s: %s", step, split, rows[split])
+        return rows
+
+    # ---- Loop --------------------------------------------------------------------------------------------
+    best = {}
+    last_good = start
+    examples = config.data.batch_size
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start + 1, config.total_steps + 1):
+        batch = make_global_batch(_trim(next(iterator), config.stage), batch_sharding)
+        state, metrics = train_step(state, batch)
+        if step % config.log_every == 0 or step == config.total_steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if config.nan_check and not math.isfinite(metrics["loss"]):
+                _stop_on_nan(checkpoints, metrics["loss"], step, last_good)
+            now = time.perf_counter()
+            rate = examples * (step - tick_step) / (now - tick)
+            tick, tick_step = now, step
+            row = {
+                "step": step,
+                "split": "train",
+                **metrics,
+                **optim.learning_rates(config.optimizer, steps_per_epoch, step - 1),
+                "examples_per_s": rate,
+            }
+            telemetry.write(row)
+            telemetry.progress(step, metrics["loss"], rate)
+        if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+            for split, row in evaluate(step, state).items():
+                if row["acc"] > best.get(split, {}).get("acc", -1):
+                    best[split] = row
+        if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.requested:
+            loss = float(jax.device_get(metrics["loss"]))
+            if config.nan_check and not math.isfinite(loss):
+                _stop_on_nan(checkpoints, loss, step, last_good)
+            checkpoints.save(step, state, iterator)
+            last_good = step
+        if preempted.requested:
+            checkpoints.close()
+            telemetry.close()
+            logging.info("preempted at step %d: checkpoint saved", step)
+            return {"preempted_at": step}
+    checkpoints.close()
+    for split, row in evaluate(config.total_steps, state).items():
+        if row["acc"] > best.get(split, {}).get("acc", -1):
+            best[split] = row
+    telemetry.close()
+    plot = telemetry.plot()
+    return {"best": best, "plot": plot, "metrics": f"{workdir}/metrics.jsonl"}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _stop_on_nan(checkpoints: checkpoint.RunCheckpoints, loss: float, step: int, last_good: int) -> None:
+    """Stops without saving: the newest checkpoint on disk stays the last one with a finite loss."""
+    checkpoints.close()
+    raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good checkpoint is step {last_good}.")
+
+
+def _trim(batch: dict, stage: str) -> dict:
+    """The fields the stage's step consumes (strings and ids stay on the host)."""
+    keep = (
+        ("images", "input_ids", "attention_mask")
+        if stage == "pretrain"
+        else ("images", "input_ids", "attention_mask", "target", "is_video")
+    )
+    return {k: np.asarray(batch[k]) for k in keep}
+
+
+def _optimizer_shardings(abstract, param_sharding, replicated):
+    """Moments follow their parameter's sharding (found by its name in the state's path); counts replicate."""
+
+    def sharding(path, leaf):
+        for key in reversed(path):
+            name = getattr(key, "key", None)
+            if name in param_sharding and hasattr(leaf, "shape") and leaf.shape:
+                return param_sharding[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract)
+
+
+def _epoch_steps(config) -> int:
+    """Optimizer steps per epoch of the training data (for the per-epoch decay)."""
+    if config.stage == "pretrain":
+        return 0
+    from contextblip_jax.data import imagecode
+
+    data = run.data_config(config, train=True)
+    return len(imagecode.ImageCodeSource(data.root, "train", data.on_error)) // config.data.batch_size
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    sys.exit(
-        "contextblip_jax.train is not available yet: training arrives with the issue 'Training and evaluation' "
-        "(configs, sharded train step, Orbax checkpoints). What works today: BLIP weight conversion and the "
-        "Flax BLIP towers; see README.md."
-    )
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    if jax.process_index() == 0:
+        print(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,0 +1,49 @@
+"""`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test]` (DESIGN.md §4).
+
+Scores every description of a split against its 10 candidates with the run's latest checkpoint (or, for the
+zero-shot stage, the weights named by `config.init`), prints accuracy overall / video / static as JSON, and on
+the test split writes the leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder (checkpoints; the leaderboard file goes here).")
+_SPLIT = flags.DEFINE_enum("split", "valid", ["valid", "test"], "Split to score.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from contextblip_jax import run
+
+    setup = run.prepare(_CONFIG.value, _WORKDIR.value, for_training=False)
+    scored, source = run.score(setup, _SPLIT.value)
+    result: dict[str, Any] = {"split": _SPLIT.value, "step": setup.step, **accuracy(scored)}
+    if _SPLIT.value == "test":
+        path = os.path.join(_WORKDIR.value, LEADERBOARD_FILE)
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(leaderboard(scored, source.examples), f, indent=1)
+        result = {
+            "split": "test",
+            "step": setup.step,
+            "descriptions": int(scored["example_id"].size),
+            "leaderboard": path,
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
