@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contextblip_jax.models.config import AdapterConfig
-from contextblip_jax.models.layers import DEFAULT_INIT, Dense
+from contextblip_jax.models.layers import Dense, conv
 
 
 class MultiLevelAdapter(nnx.Module):
@@ -34,18 +34,7 @@ class MultiLevelAdapter(nnx.Module):
         )
         self.convs = nnx.List(
             [
-                nnx.Conv(
-                    width,
-                    width,
-                    kernel_size=(k, k),
-                    feature_group_count=width,
-                    padding="SAME",
-                    dtype=dtype,
-                    param_dtype=jnp.float32,
-                    kernel_init=nnx.with_partitioning(DEFAULT_INIT, (None, None, None, "embed"), eager_sharding=False),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",), eager_sharding=False),
-                    rngs=rngs,
-                )
+                conv(width, width, k, feature_group_count=width, padding="SAME", dtype=dtype, rngs=rngs)
                 for k in config.conv_kernels
             ]
         )

@@ -75,6 +75,22 @@ class Dense(nnx.Module):
         return y
 
 
+def conv(in_features: int, out_features: int, kernel: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, **options) -> nnx.Conv:
+    """A square NHWC convolution whose output channels are the `embed` axis (float32 parameters).
+    `options` go to `nnx.Conv` (strides, padding, feature_group_count)."""
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(kernel, kernel),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(DEFAULT_INIT, (None, None, None, "embed"), eager_sharding=False),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",), eager_sharding=False),
+        rngs=rngs,
+        **options,
+    )
+
+
 def layer_norm(width: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm over the last axis with the source checkpoint's epsilon (1e-6 ViT, 1e-12 BERT, ...)."""
     meta = {"out_sharding": ("embed",), "eager_sharding": False}

@@ -20,6 +20,7 @@ from contextblip_jax.models.layers import (
     Dense,
     MultiHeadAttention,
     activation,
+    conv,
     layer_norm,
     sharded_param,
 )
@@ -57,18 +58,7 @@ class VisionTransformer(nnx.Module):
         self.config = config
         self.dtype = dtype
         p, d = config.patch_size, config.width
-        self.patch_embed = nnx.Conv(
-            3,
-            d,
-            kernel_size=(p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            kernel_init=nnx.with_partitioning(DEFAULT_INIT, (None, None, None, "embed"), eager_sharding=False),
-            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed",), eager_sharding=False),
-            rngs=rngs,
-        )
+        self.patch_embed = conv(3, d, p, strides=(p, p), padding="VALID", dtype=dtype, rngs=rngs)
         self.cls_token = sharded_param(rngs, DEFAULT_INIT, (1, 1, d), (None, None, "embed"))
         self.pos_embed = sharded_param(rngs, DEFAULT_INIT, (1, config.num_tokens, d), (None, None, "embed"))
         self.blocks = nnx.List([VisionBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
