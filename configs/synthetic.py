@@ -34,10 +34,10 @@ def get_config(arg: str = ""):
     args = {"stage": "finetune", **parse(arg)}
     c = base_config()
     c.stage = args["stage"]
-    c.total_steps = 300
+    c.total_steps = 1500
     c.log_every = 10
-    c.eval_every = 100
-    c.checkpoint_every = 100
+    c.eval_every = 250
+    c.checkpoint_every = 250
     c.model = model_dict(
         ContextBLIPConfig(
             blip=BlipConfig(
@@ -50,8 +50,9 @@ def get_config(arg: str = ""):
             context=ContextConfig(num_heads=4, mlp_dim=256),
         )
     )
+    # From scratch, the L2-normalised features give the head tiny logits at first: it needs its own, higher rate.
     c.optimizer.update(
-        name="adamw", lr=5e-4, head_lr=5e-4, weight_decay=0.01, warmup_steps=20, warmup_init=0.0, decay_per_epoch=1.0
+        name="adamw", lr=1e-3, head_lr=1e-2, weight_decay=0.01, warmup_steps=20, warmup_init=0.0, decay_per_epoch=1.0
     )
     c.data.update(root="workdirs/synthetic_data", synthetic=600, image_size=64, max_text_length=24, batch_size=16)
     c.eval.batch_size = 32

@@ -1,8 +1,9 @@
-"""`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test]` (DESIGN.md §4).
+"""`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test|mmvp]` (DESIGN.md §4).
 
 Scores every description of a split against its 10 candidates with the run's latest checkpoint (or, for the
 zero-shot stage, the weights named by `config.init`), prints accuracy overall / video / static as JSON, and on
 the test split writes the leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order.
+`--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per category, overall and the category mean.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder (checkpoints; the leaderboard file goes here).")
-_SPLIT = flags.DEFINE_enum("split", "valid", ["valid", "test"], "Split to score.")
+_SPLIT = flags.DEFINE_enum("split", "valid", ["valid", "test", "mmvp"], "ImageCoDe split, or MMVP-VLM.")
+_MMVP_ROOT = flags.DEFINE_string("mmvp_root", None, "MMVP-VLM folder (Questions.csv + 'MLLM_VLM Images/').")
 
 
 def main(argv: list[str]) -> None:
@@ -28,6 +30,11 @@ def main(argv: list[str]) -> None:
     from contextblip_jax import run
 
     setup = run.prepare(_CONFIG.value, _WORKDIR.value, for_training=False)
+    if _SPLIT.value == "mmvp":
+        if not _MMVP_ROOT.value:
+            raise app.UsageError("--split=mmvp needs --mmvp_root")
+        print(json.dumps({"split": "mmvp", "step": setup.step, **run.score_mmvp(setup, _MMVP_ROOT.value)}))
+        return
     scored, source = run.score(setup, _SPLIT.value)
     result: dict[str, Any] = {"split": _SPLIT.value, "step": setup.step, **accuracy(scored)}
     if _SPLIT.value == "test":

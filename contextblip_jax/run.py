@@ -150,6 +150,34 @@ def trainable_pattern(config: ml_collections.ConfigDict) -> str:
     return config.trainable or TRAINABLE[config.stage]
 
 
+def check_resume(workdir: str, config: ContextBLIPConfig) -> None:
+    """A workdir's checkpoints only fit the architecture they were saved with: a different one is an error
+    naming every differing field, raised before anything is compiled or restored."""
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    given = _flatten(json.loads(config.to_json()))
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, config {given.get(key)!r}"
+        for key in sorted(set(saved) | set(given))
+        if saved.get(key) != given.get(key)
+    ]
+    if differences:
+        raise ValueError(f"{workdir} holds checkpoints of another architecture: " + "; ".join(differences))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_model_config(workdir: str, model: ContextBLIP) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -222,3 +250,19 @@ def write_json(path: str, value: Any) -> None:
     if jax.process_index() == 0:
         with open(path, "w") as f:
             json.dump(value, f, indent=1)
+
+
+def score_mmvp(setup: Setup, root: str) -> dict[str, float]:
+    """MMVP-VLM pair accuracy of the setup's model (see `scoring.score_mmvp`)."""
+    from contextblip_jax.data import mmvp
+    from contextblip_jax.data.preprocess import BlipTokenizer, load_image
+    from contextblip_jax.scoring import score_mmvp as score
+
+    data = data_config(setup.config, train=False)
+    tokenizer = BlipTokenizer(data.vocab)
+    return score(
+        setup.predict,
+        mmvp.read_pairs(root),
+        lambda texts: tokenizer(texts, data.max_text_length, data.first_token),
+        lambda path: load_image(path, data.image_size),
+    )

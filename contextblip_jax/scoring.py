@@ -64,3 +64,31 @@ def leaderboard(scored: Mapping[str, np.ndarray], examples: list[imagecode.Examp
         example = examples[int(scored["example_id"][i])]
         entries.setdefault(example.set_name, []).append((example.description_index, int(scored["prediction"][i])))
     return {name: [p for _, p in sorted(pairs)] for name, pairs in entries.items()}
+
+
+def score_mmvp(
+    predict: Callable[[Mapping[str, jax.Array]], jax.Array],
+    pairs: list,
+    tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
+    load: Callable[[str], np.ndarray],
+) -> dict[str, float]:
+    """MMVP-VLM pair accuracy per category, overall (`all`) and the mean over categories (`mean`).
+
+    Each statement is a description whose candidates are the pair's two images; a pair counts when both
+    statements score their own image higher."""
+    from contextblip_jax.data import mmvp
+
+    scores = []
+    for pair in pairs:
+        images = np.stack([load(path) for path in pair.image_paths])
+        ids, mask = tokenize(list(pair.texts))
+        batch = {
+            "images": np.broadcast_to(images, (2, *images.shape)),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "is_video": np.zeros(2, bool),
+        }
+        scores.append(np.asarray(jax.device_get(predict(batch))))
+    result = mmvp.accuracy(pairs, scores)
+    categories = [value for name, value in result.items() if name != "all"]
+    return {**result, "mean": float(np.mean(categories)) if categories else float("nan")}

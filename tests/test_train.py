@@ -139,6 +139,32 @@ def test_bad_input_is_named_before_compilation(tmp_path, data_root, overrides, m
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
+def test_resuming_with_another_architecture_names_the_fields(tmp_path, data_root):
+    assert train(tmp_path / "w", data_root, "--config.total_steps=1").returncode == 0
+    result = train(tmp_path / "w", data_root, "--config.total_steps=2", "--config.model.blip.text.mlp_dim=48")
+    assert result.returncode != 0
+    assert "another architecture: blip.text.mlp_dim: checkpoint 64, config 48" in result.stderr, result.stderr[-2000:]
+
+
+def test_mmvp_pair_accuracy_per_category(tmp_path, data_root):
+    from tests.data.test_mmvp import miniature
+
+    assert train(tmp_path / "run", data_root, "--config.total_steps=1").returncode == 0
+    (tmp_path / "mmvp").mkdir()
+    root = miniature(str(tmp_path / "mmvp"))
+    result = subprocess.run(
+        [sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py",
+         f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}", *TINY, "--split=mmvp",
+         f"--mmvp_root={root}"],
+        cwd=ROOT, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    categories = [k for k in scores if k not in ("split", "step", "all", "mean")]
+    assert len(categories) == 2 and all(scores[c] in (0.0, 0.5, 1.0) for c in categories)
+    assert scores["mean"] == sum(scores[c] for c in categories) / 2 and scores["step"] == 1
+
+
 def test_sharded_step_equals_one_device(tmp_path, data_root):
     """One train step on 8 simulated devices, meshes (8,1,1), (2,4,1), (2,2,2): loss and updated parameters of
     the 1-device run within 1e-5."""

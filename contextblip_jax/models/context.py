@@ -38,8 +38,9 @@ class InterContextEncoder(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, is_video: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """x [B, candidates, D] (normalised), is_video [B] -> `encoder(x + pos·is_video) + x`, same shape."""
-        position = self.position[...][None] * is_video.astype(jnp.float32)[:, None, None]
+        """x [B, candidates, D] (normalised), is_video [B] -> `encoder(x + pos·is_video) + x`, same shape.
+        Fewer candidates than positions (MMVP-VLM's pairs) use the first positions."""
+        position = self.position[...][None, : x.shape[1]] * is_video.astype(jnp.float32)[:, None, None]
         h = (x + position).astype(x.dtype)
         for layer in self.layers:
             h, _ = layer(h, None, rngs=rngs)
