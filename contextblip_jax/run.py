@@ -21,7 +21,7 @@ from contextblip_jax.convert import directory, load_contextblip
 from contextblip_jax.data import imagecode, synthetic
 from contextblip_jax.data.pipeline import DataConfig, captions_dataset, imagecode_dataset, imagecode_source
 from contextblip_jax.models.config import ContextBLIPConfig
-from contextblip_jax.models.contextblip import TRAINABLE, ContextBLIP, dotted_path
+from contextblip_jax.models.contextblip import REMAT_TOWERS, TRAINABLE, ContextBLIP, dotted_path, set_remat
 from contextblip_jax.step import ModelSpec, make_predict_step, split_model
 from contextblip_jax.trainconfig import STAGES
 
@@ -32,8 +32,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Errors a user can fix, raised before anything is compiled."""
     if config.stage not in STAGES:
         raise ValueError(f"unknown stage {config.stage!r}; expected one of {STAGES}")
-    if config.remat != "none":
-        raise ValueError(f"remat policy {config.remat!r} is not implemented; only 'none' is")
+    unknown = sorted(set(config.remat) - set(REMAT_TOWERS))
+    if unknown:
+        raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
     if config.data.root and not config.data.synthetic and not os.path.isdir(config.data.root):
         raise FileNotFoundError(f"data root {config.data.root} does not exist")
     if config.grad_accum_steps < 1 or config.data.batch_size % config.grad_accum_steps:
@@ -144,6 +145,11 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[ContextBLIP, str]:
         raise FileNotFoundError(f"init {config.init} holds neither a run checkpoint nor convertible weights")
     image_size = config.model.blip.vision.image_size
     return load_contextblip(config.init, dtype=dtype, image_size=image_size, seed=config.seed), config.init
+
+
+def apply_remat(model: ContextBLIP, config: ml_collections.ConfigDict) -> ContextBLIP:
+    set_remat(model, tuple(config.remat))
+    return model
 
 
 def trainable_pattern(config: ml_collections.ConfigDict) -> str:

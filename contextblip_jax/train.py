@@ -89,6 +89,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
 
     # ---- Model: a previous checkpoint of this run wins over `config.init` ------------------------------------
     model, origin = run.initial_model(config)
+    run.apply_remat(model, config)
     run.check_resume(workdir, model.config)
     run.save_model_config(workdir, model)
     spec, trainable, frozen = split_model(model, run.trainable_pattern(config))

@@ -10,7 +10,7 @@ Every key can be overridden on the command line: `--config.total_steps=100 --con
 | `mesh` | sizes of the (`data`, `fsdp`, `tensor`) mesh axes; -1 = the remaining devices |
 | `logical_rules` | logical axis -> mesh axis pairs; empty = `parallel.DEFAULT_RULES` |
 | `dtype` | compute dtype (`float32` on CPU tests, `bfloat16` on TPU/GPU); parameters stay float32 |
-| `remat` | rematerialisation policy; only `none` exists so far (anything else is refused) |
+| `remat` | towers whose blocks are recomputed in the backward pass: `()`, `("vision",)`, `("vision", "text")` |
 | `grad_accum_steps` | micro-batches per optimizer step, inside the jitted step |
 | `trainable` | regex over parameter paths that train; empty = the stage's default (`models.contextblip.TRAINABLE`) |
 | `init` | weights to start from: empty = random; a converted folder, a PyTorch checkpoint, or the workdir |
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = (-1, 1, 1)
     c.logical_rules = ()
     c.dtype = "float32"
-    c.remat = "none"
+    c.remat = ()
     c.grad_accum_steps = 1
     c.trainable = ""
     c.init = ""

@@ -55,6 +55,19 @@ def trainable_filter(pattern: str) -> nnx.filterlib.Filter:
     return nnx.All(nnx.Param, lambda path, _: bool(compiled.search(dotted_path(path))))
 
 
+REMAT_TOWERS = ("vision", "text")
+
+
+def set_remat(model: ContextBLIP, towers: list[str] | tuple[str, ...]) -> None:
+    """Rematerialise the blocks of the named towers (`vision`, `text`) in the backward pass: the remat policy
+    is a runtime choice, like the compute dtype, so it is set on a built model rather than in its config."""
+    unknown = sorted(set(towers) - set(REMAT_TOWERS))
+    if unknown:
+        raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
+    model.blip.vision.remat = "vision" in towers
+    model.blip.text.remat = "text" in towers
+
+
 class ContextBLIP(nnx.Module):
     def __init__(self, config: ContextBLIPConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         config.validate()

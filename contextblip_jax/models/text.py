@@ -120,6 +120,7 @@ class TextEncoder(nnx.Module):
         self.config = config
         self.embeddings = TextEmbeddings(config, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([TextLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
+        self.remat = False  # recompute each layer in the backward pass instead of storing its activations
 
     def __call__(
         self,
@@ -134,8 +135,15 @@ class TextEncoder(nnx.Module):
         """
         x = self.embeddings(input_ids)
         maps = []
+        apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for layer in self.layers:
-            x, probs = layer(x, attention_mask, image_tokens, image_mask)
+            x, probs = apply(layer, x, attention_mask, image_tokens, image_mask)
             if probs is not None:
                 maps.append(probs)
         return TextOutput(last_hidden_state=x, cross_attention=tuple(maps))
+
+
+def _apply_layer(
+    layer: TextLayer, x: jax.Array, mask: jax.Array, image_tokens: jax.Array | None, image_mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+    return layer(x, mask, image_tokens, image_mask)

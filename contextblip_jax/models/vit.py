@@ -63,6 +63,7 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = sharded_param(rngs, DEFAULT_INIT, (1, config.num_tokens, d), (None, None, "embed"))
         self.blocks = nnx.List([VisionBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
         self.norm = layer_norm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.remat = False  # recompute each block in the backward pass instead of storing its activations
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """NHWC images [B, H, W, 3] -> patch tokens with their position embeddings [B, grid², D]."""
@@ -82,8 +83,9 @@ class VisionTransformer(nnx.Module):
         """Runs the blocks and the final LayerNorm on any token sequence (all patches, or CLS + a subset)."""
         outputs = []
         x = tokens
+        apply = nnx.remat(_apply_block) if self.remat else _apply_block
         for block in self.blocks:
-            x = block(x)
+            x = apply(block, x)
             outputs.append(x)
         return VisionOutput(last_hidden_state=self.norm(x), block_outputs=tuple(outputs))
 
@@ -91,6 +93,10 @@ class VisionTransformer(nnx.Module):
         patches = self.patch_tokens(images)
         tokens = jnp.concatenate([self.cls_tokens(patches.shape[0]), patches], axis=1)
         return self.transform(tokens)
+
+
+def _apply_block(block: VisionBlock, x: jax.Array) -> jax.Array:
+    return block(x)
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:

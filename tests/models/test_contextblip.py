@@ -13,7 +13,7 @@ from PIL import Image
 from contextblip_jax import losses
 from contextblip_jax.data.preprocess import BlipTokenizer, normalize_image
 from contextblip_jax.models.config import TMIMConfig
-from contextblip_jax.models.contextblip import TRAINABLE, ContextBLIP, dotted_path, trainable_filter
+from contextblip_jax.models.contextblip import TRAINABLE, ContextBLIP, dotted_path, set_remat, trainable_filter
 from tests.tiny import tiny_contextblip
 
 CONFIG = tiny_contextblip(tmim=TMIMConfig(decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, mask_prediction=True))
@@ -136,3 +136,32 @@ def test_stage_one_loss_decreases_on_generated_captions():
     print(f"fixed-mask losses before/after: itm {before[0]:.4f}/{after[0]:.4f} tmim {before[1]:.4f}/{after[1]:.4f}")
     assert after.sum() < 0.9 * before.sum()
     assert after[1] < 0.85 * before[1] and after[0] <= before[0]
+
+
+def test_remat_changes_memory_policy_not_numbers():
+    images, ids, mask, target, _ = candidates_batch()
+
+    def loss_and_grads(towers):
+        model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
+        set_remat(model, towers)
+        wrt = trainable_filter(TRAINABLE["finetune"])
+
+        def loss(model):
+            return losses.candidate_loss(model.finetune_logits(images, ids, mask), target)
+
+        jaxpr = str(jax.make_jaxpr(lambda m: nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(m))(model))
+        value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, wrt))(model)
+        return float(value), flat_params_of_state(grads), "remat" in jaxpr or "checkpoint" in jaxpr
+
+    plain, plain_grads, plain_has = loss_and_grads(())
+    both, remat_grads, remat_has = loss_and_grads(("vision", "text"))
+    assert remat_has and not plain_has
+    assert abs(plain - both) < 1e-6
+    for name, value in plain_grads.items():
+        np.testing.assert_allclose(remat_grads[name], value, atol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="unknown"):
+        set_remat(ContextBLIP(CONFIG, rngs=nnx.Rngs(0)), ("decoder",))
+
+
+def flat_params_of_state(state) -> dict[str, np.ndarray]:
+    return {dotted_path(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
