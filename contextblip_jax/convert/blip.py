@@ -22,6 +22,7 @@ from contextblip_jax.convert.mapping import Path, Rule, blip_rules
 from contextblip_jax.convert.sources import RawCheckpoint
 from contextblip_jax.models.blip import BlipRetrieval
 from contextblip_jax.models.config import BlipConfig
+from contextblip_jax.models.contextblip import dotted_path
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -36,14 +37,10 @@ class ConvertedBlip:
     dropped: dict[str, int]
 
 
-def dotted(path: Path) -> str:
-    return ".".join(str(part) for part in path)
-
-
 def param_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, from abstract evaluation of `factory` (no memory is allocated)."""
     model = nnx.eval_shape(factory)
-    return {dotted(path): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {dotted_path(path): tuple(var.shape) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None) -> ConvertedBlip:
@@ -59,7 +56,7 @@ def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None)
         raise ConversionError(raw.path, problems)
     rules = blip_rules(config)
     shapes = param_shapes(lambda: BlipRetrieval(config, rngs=nnx.Rngs(0)))
-    if set(map(dotted, rules)) != set(shapes):
+    if set(map(dotted_path, rules)) != set(shapes):
         raise AssertionError("conversion rules and model parameters disagree; this is a bug")
     problems += check_rules(rules, shapes, tensors)
     if problems:
@@ -82,7 +79,7 @@ def load_params(model: M, params: Mapping[str, Any]) -> M:
     `nnx.eval_shape`) needs every parameter; a real one keeps its own values for those not given."""
     graphdef, state = nnx.split(model)
     for path, variable in nnx.to_flat_state(state):
-        name = dotted(path)
+        name = dotted_path(path)
         if isinstance(variable, nnx.Param) and name in params:
             variable.set_value(jnp.asarray(params[name], dtype=jnp.float32))
     return nnx.merge(graphdef, state)
@@ -135,7 +132,7 @@ def check_rules(
     for path, rule in rules.items():
         if rule.key not in tensors:
             problems.append(f"missing key {rule.key}")
-        elif problem := rule.problem(tensors[rule.key], shapes[dotted(path)]):
+        elif problem := rule.problem(tensors[rule.key], shapes[dotted_path(path)]):
             problems.append(problem)
     used = {rule.key for rule in rules.values()}
     problems += [f"unused key {key}" for key in sorted(set(tensors) - used)]
@@ -156,7 +153,7 @@ def apply_rules(
     for key, paths in by_key.items():
         source = tensors.pop(key)
         for path in paths:
-            name = dotted(path)
+            name = dotted_path(path)
             params[name] = jnp.asarray(rules[path].apply(source, shapes[name]), dtype=jnp.float32)
         del source
     return params

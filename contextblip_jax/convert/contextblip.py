@@ -31,7 +31,6 @@ from contextblip_jax.convert.blip import (
     ConvertedBlip,
     apply_rules,
     check_rules,
-    dotted,
     load_params,
     param_shapes,
 )
@@ -39,7 +38,7 @@ from contextblip_jax.convert.errors import ConversionError
 from contextblip_jax.convert.mapping import BLIP_PREFIX, contextblip_rules
 from contextblip_jax.convert.sources import RawCheckpoint
 from contextblip_jax.models.config import AdapterConfig, ContextBLIPConfig, ContextConfig, TMIMConfig
-from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.contextblip import ContextBLIP, dotted_path
 
 PARTS = ("blip", "adapter", "tmim", "head", "context")
 STAGE_PARTS = {
@@ -134,7 +133,7 @@ def build_contextblip(
 def full_params(config: ContextBLIPConfig, params: Mapping[str, Any], seed: int = 0) -> dict[str, jax.Array]:
     """Every parameter: `params` plus a fresh initialisation (from `seed`) of the parts they lack."""
     model = build_contextblip(config, params, seed=seed)
-    return {dotted(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {dotted_path(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _canonical(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -158,21 +157,16 @@ def _canonical(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     return kept, dict(dropped)
 
 
-def _count(tensors: Mapping[str, np.ndarray], pattern: str) -> int:
-    indices = {int(m.group(1)) for key in tensors if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
-
-
 def _infer_parts(tensors: Mapping[str, np.ndarray], blip: Any) -> ContextBLIPConfig:
     """Adapter, decoder and context sizes from the tensors present; heads are not visible in shapes (8, as in
     the authors' code, unless overridden). Levels spread evenly over the ViT (3/6/9/12 for 12 blocks)."""
     adapter, tmim, context = AdapterConfig(), TMIMConfig(), ContextConfig()
-    levels = _count(tensors, r"vision_adapter\.down\.(\d+)\.")
+    levels = infer.count_layers(tensors, r"vision_adapter\.down\.(\d+)\.")
     if levels:
         hidden = tensors["vision_adapter.down.0.fc.0.weight"].shape[0]
         reduction = max(blip.vision.width // hidden, 1)
         adapter = AdapterConfig(levels=AdapterConfig().resolved_levels(blip.vision.depth, levels), reduction=reduction)
-    depth = _count(tensors, r"visual_decoder\.encoder\.layer\.(\d+)\.")
+    depth = infer.count_layers(tensors, r"visual_decoder\.encoder\.layer\.(\d+)\.")
     if depth:
         tmim = dataclasses.replace(
             tmim,
@@ -182,7 +176,7 @@ def _infer_parts(tensors: Mapping[str, np.ndarray], blip: Any) -> ContextBLIPCon
     if "text_adapter.fc.0.weight" in tensors:
         hidden = tensors["text_adapter.fc.0.weight"].shape[0]
         tmim = dataclasses.replace(tmim, text_adapter_reduction=max(blip.text.width // hidden, 1))
-    depth = _count(tensors, r"transformer\.(\d+)\.")
+    depth = infer.count_layers(tensors, r"transformer\.(\d+)\.")
     if depth:
         context = dataclasses.replace(
             context, depth=depth, mlp_dim=tensors["transformer.0.intermediate.dense.weight"].shape[0]

@@ -57,7 +57,7 @@ def infer_config(tensors: Mapping[str, np.ndarray], vision_eps: float) -> BlipCo
     words = tensors["text_encoder.embeddings.word_embeddings.weight"]
     vision = VisionConfig(
         width=width,
-        depth=_count_layers(tensors, r"vision_model\.encoder\.layers\.(\d+)\."),
+        depth=count_layers(tensors, r"vision_model\.encoder\.layers\.(\d+)\."),
         num_heads=max(width // HEAD_DIM, 1),
         mlp_dim=tensors["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         image_size=grid * patch,
@@ -67,7 +67,7 @@ def infer_config(tensors: Mapping[str, np.ndarray], vision_eps: float) -> BlipCo
     text = TextConfig(
         vocab_size=words.shape[0],
         width=words.shape[1],
-        depth=_count_layers(tensors, r"text_encoder\.encoder\.layer\.(\d+)\."),
+        depth=count_layers(tensors, r"text_encoder\.encoder\.layer\.(\d+)\."),
         num_heads=max(words.shape[1] // HEAD_DIM, 1),
         mlp_dim=tensors["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_positions=tensors["text_encoder.embeddings.position_embeddings.weight"].shape[0],
@@ -130,7 +130,9 @@ def contradictions(config: BlipConfig, inferred: BlipConfig) -> list[str]:
     ]
 
 
-def _count_layers(tensors: Mapping[str, np.ndarray], pattern: str) -> int:
+def count_layers(tensors: Mapping[str, np.ndarray], pattern: str) -> int:
+    """1 + the highest index `pattern`'s group captures in the tensor names (0 if none): a missing middle layer
+    then shows up as missing keys rather than a silently shallower model."""
     indices = {int(m.group(1)) for key in tensors if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
