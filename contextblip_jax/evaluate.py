@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from contextblip_jax import run
 
-    setup = run.prepare(_CONFIG.value, _WORKDIR.value, for_training=False)
+    setup = run.prepare(_CONFIG.value, _WORKDIR.value)
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:
             raise app.UsageError("--split=mmvp needs --mmvp_root")

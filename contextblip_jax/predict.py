@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     previous = run.previous_run(_WORKDIR.value)
     if previous is None:
         raise app.UsageError(f"{_WORKDIR.value} holds no training checkpoint")
-    config, params = previous
+    config, params, _ = previous
     model = build_contextblip(config, params)
     names = sorted(
         (n for n in os.listdir(_IMAGES.value) if imagecode.frame_number(n) is not None), key=imagecode.frame_number

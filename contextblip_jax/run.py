@@ -95,8 +95,9 @@ def model_config(config: ml_collections.ConfigDict) -> ContextBLIPConfig:
     return ContextBLIPConfig.from_dict(config.model.to_dict())
 
 
-def previous_run(workdir: str) -> tuple[ContextBLIPConfig, dict[str, np.ndarray]] | None:
-    """The architecture and latest parameters of a training run in `workdir`, if it has a checkpoint."""
+def previous_run(workdir: str) -> tuple[ContextBLIPConfig, dict[str, np.ndarray], int] | None:
+    """The architecture, latest parameters and their step of a training run in `workdir`, if it has a
+    checkpoint."""
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     if not os.path.exists(path):
         return None
@@ -110,7 +111,7 @@ def previous_run(workdir: str) -> tuple[ContextBLIPConfig, dict[str, np.ndarray]
     state = manager.manager.restore(step, args=_state_only(manager.manager.item_metadata(step)["state"]))["state"]
     manager.close()
     params = {**state["trainable"], **state["frozen"]}
-    return config, {name: np.asarray(value) for name, value in params.items()}
+    return config, {name: np.asarray(value) for name, value in params.items()}, step
 
 
 def _state_only(metadata: Any):
@@ -133,7 +134,7 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[ContextBLIP, str]:
         raise FileNotFoundError(f"init {config.init} does not exist")
     previous = previous_run(config.init) if os.path.isdir(config.init) else None
     if previous is not None:
-        architecture, params = previous
+        architecture, params, _ = previous
         from contextblip_jax.convert.contextblip import build_contextblip
 
         return build_contextblip(architecture, params, dtype), f"the latest checkpoint of {config.init}"
@@ -204,9 +205,8 @@ class Setup:
     predict: Any
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, for_training: bool = False) -> Setup:
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     """The run's latest checkpoint (or `config.init` when it has none, e.g. zero-shot), sharded on the mesh."""
-    del for_training
     check_config(config)
     mesh = parallel.make_mesh(config.mesh)
     previous = previous_run(workdir)
@@ -214,9 +214,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, for_training: bool 
     if previous is not None:
         from contextblip_jax.convert.contextblip import build_contextblip
 
-        architecture, params = previous
+        architecture, params, step = previous
         model = build_contextblip(architecture, params, jnp.dtype(config.dtype))
-        step = _latest_step(workdir)
     else:
         model, origin = initial_model(config)
         logging.info("no checkpoint in %s; scoring %s", workdir, origin)
@@ -226,13 +225,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, for_training: bool 
     frozen = {k: jax.device_put(v, flat[k]) for k, v in frozen.items()}
     predict_fn = jax.jit(make_predict_step(spec, config.stage))
     return Setup(config, mesh, spec, trainable, frozen, step, lambda batch: predict_fn(trainable, frozen, batch))
-
-
-def _latest_step(workdir: str) -> int:
-    manager = checkpoint.RunCheckpoints(workdir, keep=1_000_000)
-    step = manager.latest_step() or 0
-    manager.close()
-    return step
 
 
 def flat_shardings(model: ContextBLIP, mesh: jax.sharding.Mesh, rules: Any) -> dict[str, jax.sharding.NamedSharding]:

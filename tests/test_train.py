@@ -175,7 +175,7 @@ def test_sharded_step_equals_one_device(tmp_path, data_root):
         extra = ("--config.total_steps=1", "--config.log_every=1", f"--config.mesh={mesh}")
         result = train(workdir, data_root, *extra, env=env if mesh != "(1,1,1)" else None)
         assert result.returncode == 0, result.stderr[-3000:]
-        _, params = run.previous_run(str(workdir))
+        _, params, _ = run.previous_run(str(workdir))
         results[mesh] = (train_losses(workdir)[1], params)
     loss, params = results["(1,1,1)"]
     for mesh, (other_loss, other_params) in results.items():
@@ -202,8 +202,8 @@ def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
     assert finetune.returncode == 0 and f"the latest checkpoint of {tmp_path / 's1'}" in finetune.stderr
     context = train(tmp_path / "s2b", data_root, *steps, f"--config.init={tmp_path / 's2a'}", stage="context")
     assert context.returncode == 0, context.stderr[-3000:]
-    _, adapted = run.previous_run(str(tmp_path / "s2a"))
-    _, final = run.previous_run(str(tmp_path / "s2b"))
+    _, adapted, _ = run.previous_run(str(tmp_path / "s2a"))
+    _, final, _ = run.previous_run(str(tmp_path / "s2b"))
     np.testing.assert_array_equal(final["head.proj.kernel"], adapted["head.proj.kernel"])  # 2a's head, frozen
     assert not np.array_equal(final["context.position"], adapted["context.position"])
 
