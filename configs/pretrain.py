@@ -1,4 +1,5 @@
-r"""Stage 1: intra-context pre-training on COCO + Visual Genome captions (contextblip.md §6).
+r"""Stage 1: intra-context pre-training on COCO + Visual Genome captions (the authors'
+`main.py` with `configs/pretrain.yaml`).
 
     python -m contextblip_jax.train --config=configs/pretrain.py --workdir=W_stage1 \
         --config.data.root=/data/images --config.data.annotations='("/data/coco.json","/data/vg.json")' \
@@ -10,19 +11,21 @@ authors' value; `--config.data.max_text_length` changes it), RandomResizedCrop(0
 text-aware flip. `steps_per_epoch` must be set to the caption count / 1,024 of the annotation files used.
 """
 
-from contextblip_jax.trainconfig import base_config
+from contextblip_jax import stages
+from contextblip_jax.trainconfig import base_config, parse_args
 
 CAPTIONS = 5_700_000  # COCO + VG pairs in BLIP's coco.json + vg.json, approximately
 
 
 def get_config(arg: str = ""):
-    del arg
+    parse_args(arg)
+    stage = stages.get("pretrain")
     c = base_config()
-    c.stage = "pretrain"
+    c.stage = stage.name
     c.data.update(batch_size=1024, image_size=224, max_text_length=30)
     c.data.augment.update(random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, flip="text_aware")
     steps_per_epoch = CAPTIONS // c.data.batch_size
-    c.total_steps = 20 * steps_per_epoch
+    c.total_steps = stage.epochs * steps_per_epoch
     c.optimizer.update(
         name="adamw",
         b1=0.9,

@@ -1,4 +1,4 @@
-"""`python -m contextblip_jax.benchmark`: throughput measurements, one JSON object per line (DESIGN.md §5).
+"""`python -m contextblip_jax.benchmark`: throughput measurements, one JSON object per line.
 
     python -m contextblip_jax.benchmark --preset=base --measure=zeroshot --runs=5
 
@@ -8,6 +8,8 @@ Measurements:
 
 Each figure is the median wall time of `--runs` timed calls after `--warmup` untimed ones (compilation
 excluded), on random weights and inputs; the line names the device it ran on.
+
+Imports: the model and its variant table only.
 """
 
 from __future__ import annotations
@@ -26,25 +28,17 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig, TextConfig, VisionConfig
+from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.variants import VARIANTS
 
 PRESETS: dict[str, ContextBLIPConfig] = {
-    "tiny": ContextBLIPConfig(
-        blip=BlipConfig(
-            vision=VisionConfig(width=64, depth=4, num_heads=4, mlp_dim=128, image_size=64, patch_size=16),
-            text=TextConfig(width=64, depth=2, num_heads=4, mlp_dim=128, encoder_width=64),
-            embed_dim=32,
-        )
-    ),
-    "base": ContextBLIPConfig(),
-    "large": ContextBLIPConfig(
-        blip=BlipConfig(
-            vision=VisionConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-            text=TextConfig(encoder_width=1024),
-        )
-    ),
+    "tiny": VARIANTS["tiny"],
+    "small": VARIANTS["small"],
+    "base": VARIANTS["B/16"],
+    "large": VARIANTS["L/16"],
 }
+"""Benchmark names for rows of the variant table (`models/variants.py`)."""
 
 _PRESET = flags.DEFINE_enum("preset", "base", list(PRESETS), "Model size (base: ViT-B/16 at 224 px).")
 _MEASURE = flags.DEFINE_enum("measure", "zeroshot", ["zeroshot"], "What to measure.")

@@ -1,7 +1,11 @@
-"""Orbax storage of parameters.
+"""Orbax storage: converted weights, and a training run's checkpoints.
 
 Converted weights are stored as a flat `{dotted.parameter.path: array}` tree: readable with any Orbax
-version, independent of how NNX names list indices, and cheap to restore into an abstract model.
+version, independent of how NNX names list indices, and cheap to restore into an abstract model. A run's
+checkpoints hold the train state (flat trainable and frozen dicts, optimizer state, step) and the data
+iterator's position.
+
+Imports: Orbax and grain only.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ class RunCheckpoints:
     together in one Orbax step (asynchronously, keeping the newest `keep`), so a resumed run continues the
     same batches. Orbax writes each step to a temporary folder and renames it when complete."""
 
-    def __init__(self, workdir: str, keep: int):
+    def __init__(self, workdir: str, keep: int = 1_000_000):
         import grain
 
         self._grain = grain
-        self.manager = ocp.CheckpointManager(
+        self._manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
             item_names=("state", "data"),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
@@ -45,30 +49,32 @@ class RunCheckpoints:
         )
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        return self._manager.latest_step()
 
     def save(self, step: int, state: object, iterator: object) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)
         )
-        self.manager.save(step, args=args, force=True)
+        self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state: object, iterator: object) -> object:
         """The train state at `step` (laid out as `abstract_state`'s shardings); `iterator` is repositioned."""
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=self._grain.checkpoint.CheckpointRestore(iterator)
         )
-        return self.manager.restore(step, args=args)["state"]
+        return self._manager.restore(step, args=args)["state"]
 
-    def restore_state(self, step: int, abstract_state: object) -> object:
-        """Only the train state (e.g. to initialise the next stage from this run)."""
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-            "state"
-        ]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restore_params(self, step: int) -> dict[str, np.ndarray]:
+        """Every parameter saved at `step` (trainable and frozen, by dotted path) as host arrays, whatever mesh
+        wrote them: what the next stage starts from, and what evaluation and prediction score with."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = self._manager.item_metadata(step)["state"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if hasattr(m, "shape") else m, metadata
+        )
+        state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return {name: np.asarray(value) for group in ("trainable", "frozen") for name, value in state[group].items()}
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,9 +1,12 @@
-"""`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test|mmvp]` (DESIGN.md §4).
+"""`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test|mmvp]`.
 
-Scores every description of a split against its 10 candidates with the run's latest checkpoint (or, for the
-zero-shot stage, the weights named by `config.init`), prints accuracy overall / video / static as JSON, and on
-the test split writes the leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order.
-`--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per category, overall and the category mean.
+Scores every description of a split against its 10 candidates with the run's latest checkpoint (or, when W has
+none, e.g. for the zero-shot stage, the weights named by `config.init`), prints accuracy overall / video / static
+as JSON, and on the test split writes the leaderboard file `W/test_predictions.json`:
+`{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
+category, overall and the category mean.
+
+Imports: evaluators and scoring; this module defines command-line flags, so libraries never import it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from contextblip_jax.data import inputs
+from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
 from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
@@ -27,24 +32,24 @@ _MMVP_ROOT = flags.DEFINE_string("mmvp_root", None, "MMVP-VLM folder (Questions.
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from contextblip_jax import run
-
-    setup = run.prepare(_CONFIG.value, _WORKDIR.value)
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    scoring = scorer(config, workdir)
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:
             raise app.UsageError("--split=mmvp needs --mmvp_root")
-        print(json.dumps({"split": "mmvp", "step": setup.step, **run.score_mmvp(setup, _MMVP_ROOT.value)}))
+        print(json.dumps({"split": "mmvp", "step": scoring.step, **mmvp_accuracy(config, scoring, _MMVP_ROOT.value)}))
         return
-    scored, source = run.score(setup, _SPLIT.value)
-    result: dict[str, Any] = {"split": _SPLIT.value, "step": setup.step, **accuracy(scored)}
+    evaluator = ImageCodeEvaluator(inputs.data_config(config, train=False), _SPLIT.value, scoring.mesh)
+    scored = evaluator.score(scoring.predict)
+    result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored)}
     if _SPLIT.value == "test":
-        path = os.path.join(_WORKDIR.value, LEADERBOARD_FILE)
+        path = os.path.join(workdir, LEADERBOARD_FILE)
         if jax.process_index() == 0:
             with open(path, "w") as f:
-                json.dump(leaderboard(scored, source.examples), f, indent=1)
+                json.dump(leaderboard(scored, evaluator.source.examples), f, indent=1)
         result = {
             "split": "test",
-            "step": setup.step,
+            "step": scoring.step,
             "descriptions": int(scored["example_id"].size),
             "leaderboard": path,
         }

@@ -1,8 +1,11 @@
-"""ContextBLIP's losses as pure functions (reference §4-6). All in float32.
+"""ContextBLIP's losses as pure functions (the authors' `models/multiscale_adapter.py` for stage 1,
+`finetune_notf.py` and `finetune_context.py` for 2a/2b). All in float32.
 
 Hard negatives are sampled from a similarity matrix over the whole batch the function is given. Under `jax.jit`
 with the batch sharded over devices that batch is the global one, so negatives come from every device's
 examples (the authors sample within each GPU's local batch).
+
+Imports: jax and optax only (the model imports this module).
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""Optimizers and learning-rate schedules from `config.optimizer` (reference §6), built with optax.
+"""Optimizers and learning-rate schedules from `config.optimizer`, built with optax (the
+authors' values: `configs/pretrain.yaml` for stage 1, `finetune_notf.py` for 2a, `finetune_context.py` for 2b).
 
 Parameters live in flat `{dotted.path: array}` dicts, so parameter groups are regular expressions over the
 keys: `head_pattern` selects a second group with its own peak rate (2a: 1e-4 for the head, 2e-6 elsewhere).
 `adam` adds the weight decay to the gradient before Adam, as `torch.optim.Adam(weight_decay=...)` in the
 authors' code; `adamw` decouples it, as BLIP's pre-training does.
+
+Imports: optax only.
 """
 
 from __future__ import annotations

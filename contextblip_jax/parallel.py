@@ -13,6 +13,8 @@ Typical use in a trainer (`jax.jit` with explicit shardings is the pjit; there i
     check_batch(global_batch, mesh)
     graphdef, state, shardings = init_sharded(lambda: ContextBLIP(model_config, rngs=nnx.Rngs(seed)), mesh, rules)
     step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=..., donate_argnums=0)
+
+Imports: jax, flax and `models/layers.py` (parameter names) only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from flax.linen import logical_to_mesh_axes
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from contextblip_jax.models.layers import dotted_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 """Mesh axis names, in the order a config's mesh shape gives their sizes."""
@@ -197,6 +201,28 @@ def param_shardings(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules
         return leaf.replace(NamedSharding(mesh, logical_spec(axes, shape, mesh, rules, name=name)))
 
     return jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=_is_variable)
+
+
+def flat_param_shardings(model: nnx.Module, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES) -> dict:
+    """Each parameter's NamedSharding by dotted path (`blip.vision.blocks.0.fc1.kernel`), for the trainer's flat
+    parameter dicts."""
+    tree = param_shardings(nnx.state(model, nnx.Param), mesh, rules)
+    return {dotted_path(path): getattr(value, "value", value) for path, value in nnx.to_flat_state(tree)}
+
+
+def optimizer_shardings(abstract_opt_state: Any, param_sharding: dict, mesh: Mesh | AbstractMesh) -> Any:
+    """Shardings for an optax state over flat parameter dicts: each moment follows its parameter's sharding
+    (found by the parameter's name in the moment's path); counts and other scalars are replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(path: tuple, leaf: Any) -> NamedSharding:
+        for key in reversed(path):
+            name = getattr(key, "key", None)
+            if name in param_sharding and getattr(leaf, "shape", ()):
+                return param_sharding[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
 
 
 def shard_state(state: Any, shardings: Any) -> Any:

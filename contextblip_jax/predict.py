@@ -3,6 +3,8 @@ description with a trained run's latest checkpoint and print them, best first, w
 
 DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a folder whose name contains
 `open-images` is a static set, any other a video set (the inter-context encoder's positions apply).
+
+Imports: the run's weights, the stage table, the data readers.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from contextblip_jax import run
-from contextblip_jax.convert.contextblip import build_contextblip
+from contextblip_jax import stages, weights
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_config.json + checkpoints).")
 _TEXT = flags.DEFINE_string("text", None, "The description.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of candidate images (imgX.jpg).")
-_STAGE = flags.DEFINE_enum("stage", "context", ["zeroshot", "finetune", "context"], "Which scores to rank by.")
+_STAGE = flags.DEFINE_enum(
+    "stage", "context", [name for name, stage in stages.STAGES.items() if stage.evaluates], "Which scores to rank by."
+)
 _MAX_LENGTH = flags.DEFINE_integer(
     "max_length", None, "Tokens of the description (default: 64, or fewer if the model has fewer positions)."
 )
@@ -32,11 +35,11 @@ _MAX_LENGTH = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    previous = run.previous_run(_WORKDIR.value)
-    if previous is None:
+    found = weights.run_model(_WORKDIR.value)
+    if found is None:
         raise app.UsageError(f"{_WORKDIR.value} holds no training checkpoint")
-    config, params, _ = previous
-    model = build_contextblip(config, params)
+    model, _ = found
+    config = model.config
     names = sorted(
         (n for n in os.listdir(_IMAGES.value) if imagecode.frame_number(n) is not None), key=imagecode.frame_number
     )
@@ -47,13 +50,8 @@ def main(argv: list[str]) -> None:
     length = _MAX_LENGTH.value or min(64, config.blip.text.max_positions)
     ids, mask = BlipTokenizer()([_TEXT.value], length, "enc")
     is_video = jnp.array([not imagecode.is_static(os.path.basename(os.path.normpath(_IMAGES.value)))])
-    if _STAGE.value == "zeroshot":
-        scores = model.zero_shot_scores(images, ids, mask)
-    elif _STAGE.value == "finetune":
-        scores = model.finetune_logits(images, ids, mask)
-    else:
-        scores = model.context_logits(images, ids, mask, is_video)
-    scores = np.asarray(jax.device_get(scores))[0]
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask, "is_video": is_video}
+    scores = np.asarray(jax.device_get(stages.get(_STAGE.value).score(model, batch)))[0]
     ranking = [
         {"rank": rank + 1, "index": int(i), "image": names[i], "score": round(float(scores[i]), 4)}
         for rank, i in enumerate(np.argsort(-scores))

@@ -1,5 +1,8 @@
 """Scoring ImageCoDe splits: predictions gathered over hosts, accuracy overall / video / static, and the
-leaderboard file. Used by the trainer's periodic evaluation and by `python -m contextblip_jax.evaluate`."""
+leaderboard file. Used by the trainer's periodic evaluation and by `python -m contextblip_jax.evaluate`.
+
+Imports: the data readers and `make_global_batch`; never the model or the trainer.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 a progress line on terminals, and a PNG of the training loss and validation accuracy at the end.
 
 Only process 0 writes; every process may call.
+
+Imports: nothing of the package.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Reads top to bottom: mesh -> input -> model -> shardings -> step -> checkpoint -> evals -> loop. Running the
 same command again resumes from the newest checkpoint in W; SIGTERM (preemption) saves and exits 0.
-Contract (DESIGN.md §3): W/metrics.jsonl rows always carry `step` and `split`; validation rows carry `acc`,
+W/metrics.jsonl rows always carry `step` and `split` (other programs read them); validation rows carry `acc`,
 `acc_video`, `acc_static`.
+
+Imports: everything a run needs; nothing imports this module but its tests.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import checkpoint, optim, parallel, run
-from contextblip_jax.data.pipeline import imagecode_dataset, make_global_batch
-from contextblip_jax.scoring import accuracy, score_split
-from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model, stage_loss
+from contextblip_jax import checkpoint, optim, parallel, trainconfig, weights
+from contextblip_jax.data import inputs
+from contextblip_jax.data.pipeline import make_global_batch
+from contextblip_jax.evaluators import build_evaluators
+from contextblip_jax.models.contextblip import set_remat
+from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
 from contextblip_jax.telemetry import Telemetry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
@@ -71,9 +74,9 @@ def train(
 
 
 def _train(config, workdir, preempted, coordinator, num_processes, process_id) -> dict:
-    run.check_config(config)
-    if config.stage == "zeroshot":
-        raise ValueError("the zeroshot stage does not train: use python -m contextblip_jax.evaluate")
+    stage = trainconfig.check(config)
+    if not stage.trains:
+        raise ValueError(f"the {stage.name} stage does not train: use python -m contextblip_jax.evaluate")
 
     # ---- Mesh --------------------------------------------------------------------------------------------
     parallel.initialize_distributed(coordinator, num_processes, process_id)
@@ -82,38 +85,37 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # ---- Input -------------------------------------------------------------------------------------------
-    run.ensure_synthetic_data(config)
-    train_data = run.train_dataset(config)
-    iterator = iter(train_data)
+    train_input = inputs.train_input(config, stage)
+    iterator = iter(train_input.dataset)
     batch_sharding = parallel.batch_sharding(mesh)
 
     # ---- Model: a previous checkpoint of this run wins over `config.init` ------------------------------------
-    model, origin = run.initial_model(config)
-    run.apply_remat(model, config)
-    run.check_resume(workdir, model.config)
-    run.save_model_config(workdir, model)
-    spec, trainable, frozen = split_model(model, run.trainable_pattern(config))
+    model, origin = weights.initial_model(config)
+    set_remat(model, tuple(config.remat))
+    weights.check_resume(workdir, model.config)
+    weights.save_model_config(workdir, model)
+    spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
     logging.info(
         "model from %s: %d parameters train, %d frozen (pattern %r)",
         origin,
         sum(v.size for v in trainable.values()),
         sum(v.size for v in frozen.values()),
-        run.trainable_pattern(config),
+        config.trainable or stage.trainable,
     )
 
     # ---- Shardings ---------------------------------------------------------------------------------------
-    param_sharding = run.flat_shardings(model, mesh, config.logical_rules)
+    param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
     del model
-    steps_per_epoch = config.optimizer.steps_per_epoch or max(_epoch_steps(config), 1)
+    epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
+    steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps
     tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     trainable_sharding = {k: param_sharding[k] for k in trainable}
-    opt_sharding = _optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, replicated)
     state_sharding = TrainState(
         step=replicated,
         trainable=trainable_sharding,
         frozen={k: param_sharding[k] for k in frozen},
-        opt_state=opt_sharding,
+        opt_state=parallel.optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, mesh),
     )
     init_state = jax.jit(
         lambda t, f: TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t)), out_shardings=state_sharding
@@ -121,21 +123,13 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     state = init_state(trainable, frozen)
 
     # ---- Step --------------------------------------------------------------------------------------------
-    step_fn = make_train_step(
-        spec,
-        stage_loss(config.stage, config.loss),
-        tx,
-        seed=config.seed,
-        accum_steps=config.grad_accum_steps,
-        sum_reduced=config.stage != "pretrain",
-    )
+    step_fn = make_train_step(spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps)
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
-    predict = jax.jit(make_predict_step(spec, config.stage))
 
     # ---- Checkpoint: resume if this workdir has one ----------------------------------------------------------
     checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
@@ -148,27 +142,25 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     telemetry = Telemetry(workdir, config.total_steps)
     telemetry.truncate_after(start)
 
-    # ---- Evals -------------------------------------------------------------------------------------------
-    def evaluate(step: int, state: TrainState) -> dict:
-        rows = {}
-        if config.stage == "pretrain":
-            return rows
-        data = run.data_config(config, train=False)
-        for split in config.eval.splits:
-            batches = imagecode_dataset(data, split, train=False)
-            scored = score_split(lambda b: predict(state.trainable, state.frozen, b), batches, batch_sharding)
-            rows[split] = {"step": step, "split": split, **accuracy(scored)}
-            telemetry.write(rows[split])
-            logging.info("step %d %s: %s", step, split, rows[split])
-        return rows
+    # ---- Evals: built once (each reads its split now), run at every evaluation ---------------------------------
+    evaluators = build_evaluators(config, stage, mesh)
+    predict = jax.jit(make_predict_step(spec, stage)) if evaluators else None
+    best: dict[str, dict] = {}
+
+    def evaluate(step: int, state: TrainState) -> None:
+        for evaluator in evaluators:
+            row = evaluator.run(lambda batch: predict(state.trainable, state.frozen, batch), step)
+            telemetry.write(row)
+            logging.info("step %d %s: %s", step, evaluator.split, row)
+            if row["acc"] > best.get(evaluator.split, {}).get("acc", -1):
+                best[evaluator.split] = row
 
     # ---- Loop --------------------------------------------------------------------------------------------
-    best = {}
     last_good = start
     examples = config.data.batch_size
     tick, tick_step = time.perf_counter(), start
     for step in range(start + 1, config.total_steps + 1):
-        batch = make_global_batch(_trim(next(iterator), config.stage), batch_sharding)
+        batch = make_global_batch(next(iterator), batch_sharding)
         state, metrics = train_step(state, batch)
         if step % config.log_every == 0 or step == config.total_steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -187,9 +179,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
             telemetry.write(row)
             telemetry.progress(step, metrics["loss"], rate)
         if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
-            for split, row in evaluate(step, state).items():
-                if row["acc"] > best.get(split, {}).get("acc", -1):
-                    best[split] = row
+            evaluate(step, state)
         if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.requested:
             loss = float(jax.device_get(metrics["loss"]))
             if config.nan_check and not math.isfinite(loss):
@@ -202,9 +192,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
             logging.info("preempted at step %d: checkpoint saved", step)
             return {"preempted_at": step}
     checkpoints.close()
-    for split, row in evaluate(config.total_steps, state).items():
-        if row["acc"] > best.get(split, {}).get("acc", -1):
-            best[split] = row
+    evaluate(config.total_steps, state)
     telemetry.close()
     plot = telemetry.plot()
     return {"best": best, "plot": plot, "metrics": f"{workdir}/metrics.jsonl"}
@@ -218,39 +206,6 @@ def _stop_on_nan(checkpoints: checkpoint.RunCheckpoints, loss: float, step: int,
     """Stops without saving: the newest checkpoint on disk stays the last one with a finite loss."""
     checkpoints.close()
     raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped. The last good checkpoint is step {last_good}.")
-
-
-def _trim(batch: dict, stage: str) -> dict:
-    """The fields the stage's step consumes (strings and ids stay on the host)."""
-    keep = (
-        ("images", "input_ids", "attention_mask")
-        if stage == "pretrain"
-        else ("images", "input_ids", "attention_mask", "target", "is_video")
-    )
-    return {k: np.asarray(batch[k]) for k in keep}
-
-
-def _optimizer_shardings(abstract, param_sharding, replicated):
-    """Moments follow their parameter's sharding (found by its name in the state's path); counts replicate."""
-
-    def sharding(path, leaf):
-        for key in reversed(path):
-            name = getattr(key, "key", None)
-            if name in param_sharding and hasattr(leaf, "shape") and leaf.shape:
-                return param_sharding[name]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(sharding, abstract)
-
-
-def _epoch_steps(config) -> int:
-    """Optimizer steps per epoch of the training data (for the per-epoch decay)."""
-    if config.stage == "pretrain":
-        return 0
-    from contextblip_jax.data import imagecode
-
-    data = run.data_config(config, train=True)
-    return len(imagecode.ImageCodeSource(data.root, "train", data.on_error)) // config.data.batch_size
 
 
 def main(argv: list[str]) -> None:

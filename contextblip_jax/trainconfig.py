@@ -1,39 +1,27 @@
-"""The keys every run config has, with their defaults and meaning; `configs/*.py` start from `base_config()`.
+"""Every run-config key, its default and its meaning; `configs/*.py` start from `base_config()`.
 
-Every key can be overridden on the command line: `--config.total_steps=100 --config.data.root=/data/imagecode`.
+Any key can be overridden on the command line: `--config.total_steps=100 --config.data.root=/data/imagecode`.
+The `model`, `data` and `data.augment` sections are generated from the dataclasses that consume them
+(`ContextBLIPConfig`, `DataConfig`, `AugmentConfig`), so each of their defaults and meanings lives in one place:
+the dataclass's docstring. The other keys are documented where they are set below.
 
-| key | meaning |
-|---|---|
-| `stage` | `pretrain` (stage 1 on captions), `zeroshot` (evaluation only), `finetune` (2a), `context` (2b) |
-| `seed` | model initialisation, dropout, TMIM masks and hard negatives (folded with the step) |
-| `total_steps`, `log_every`, `eval_every`, `checkpoint_every`, `keep_checkpoints` | loop cadence |
-| `mesh` | sizes of the (`data`, `fsdp`, `tensor`) mesh axes; -1 = the remaining devices |
-| `logical_rules` | logical axis -> mesh axis pairs; empty = `parallel.DEFAULT_RULES` |
-| `dtype` | compute dtype (`float32` on CPU tests, `bfloat16` on TPU/GPU); parameters stay float32 |
-| `remat` | towers whose blocks are recomputed in the backward pass: `()`, `("vision",)`, `("vision", "text")` |
-| `grad_accum_steps` | micro-batches per optimizer step, inside the jitted step |
-| `trainable` | regex over parameter paths that train; empty = the stage's default (`models.contextblip.TRAINABLE`) |
-| `init` | weights to start from: empty = random; a converted folder, a PyTorch checkpoint, or the workdir |
-|        | of the previous stage (its latest checkpoint) |
-| `model` | the ContextBLIP architecture (`ContextBLIPConfig` fields, nested) |
-| `optimizer` | `name` (adam, adamw), `b1`, `b2`, `eps`, `weight_decay`, `lr`, `head_lr` + `head_pattern` |
-|             | (a second group), `warmup_steps`, `warmup_init`, `decay_per_epoch`, `steps_per_epoch` (0 = derived |
-|             | from the data), `min_lr` |
-| `loss` | `itm`, `tmim`, `mask_prediction` weights; `temperature` of hard-negative sampling (0 = none) |
-| `data` | `data.pipeline.DataConfig` fields, plus `synthetic` (generate this many sets under `root` if absent) |
-| `eval` | `splits` evaluated during training, `batch_size` |
-| `nan_check` | stop (keeping the last good checkpoint) when the loss is NaN or Inf |
+Imports: the model config, the data config and the stage table.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
+import typing
+from typing import Any
 
 import ml_collections
 
+from contextblip_jax import stages
+from contextblip_jax.data.pipeline import DataConfig
 from contextblip_jax.models.config import ContextBLIPConfig
-
-STAGES = ("pretrain", "zeroshot", "finetune", "context")
+from contextblip_jax.models.contextblip import REMAT_TOWERS
 
 
 def model_dict(config: ContextBLIPConfig) -> dict:
@@ -49,73 +37,108 @@ def model_dict(config: ContextBLIPConfig) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def dataclass_section(instance: Any) -> ml_collections.ConfigDict:
+    """A ConfigDict with a dataclass instance's fields and values (nested dataclasses become sections).
+
+    Fields whose default is None become typed placeholders, so that `--config.x=...` can still set them.
+    """
+    hints = typing.get_type_hints(type(instance))
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if dataclasses.is_dataclass(value):
+            values[field.name] = dataclass_section(value)
+        elif value is None:
+            values[field.name] = ml_collections.FieldReference(None, field_type=_optional_type(hints[field.name]))
+        else:
+            values[field.name] = value
+    return ml_collections.ConfigDict(values)
+
+
+def _optional_type(hint: Any) -> type:
+    """`int` for `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "finetune"
-    c.seed = 0
-    c.total_steps = 1000
-    c.log_every = 10
-    c.eval_every = 200
-    c.checkpoint_every = 200
-    c.keep_checkpoints = 2
-    c.mesh = (-1, 1, 1)
-    c.logical_rules = ()
-    c.dtype = "float32"
-    c.remat = ()
-    c.grad_accum_steps = 1
-    c.trainable = ""
-    c.init = ""
-    c.model = model_dict(ContextBLIPConfig())
+    c.stage = "finetune"  # a row of `stages.STAGES`: pretrain (1), zeroshot, finetune (2a), context (2b)
+    c.seed = 0  # model initialisation, dropout, TMIM masks and hard negatives (folded with the step)
+    c.total_steps = 1000  # optimizer steps of the whole run
+    c.log_every = 10  # steps between train rows in metrics.jsonl
+    c.eval_every = 200  # steps between validation passes (0: only at the end)
+    c.checkpoint_every = 200  # steps between checkpoints (one is also written at the end and on SIGTERM)
+    c.keep_checkpoints = 2  # newest checkpoints kept on disk
+    c.mesh = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) mesh axes; -1 = the remaining devices
+    c.logical_rules = ()  # (logical axis, mesh axes) pairs; empty = parallel.DEFAULT_RULES
+    c.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
+    c.remat = ()  # towers whose blocks are recomputed in the backward pass: ("vision",), ("vision", "text")
+    c.grad_accum_steps = 1  # micro-batches per optimizer step, inside the jitted step
+    c.trainable = ""  # regex over dotted parameter paths that train; empty = the stage's default
+    c.init = ""  # weights to start from: empty = random; a converted folder, a PyTorch checkpoint, a workdir
+    c.nan_check = True  # stop (keeping the last good checkpoint) when the loss is NaN or Inf
+    c.model = model_dict(ContextBLIPConfig())  # ContextBLIPConfig fields, nested (models/config.py)
     c.optimizer = ml_collections.ConfigDict(
         dict(
-            name="adam",
-            b1=0.9,
-            b2=0.98,
-            eps=1e-6,
-            weight_decay=0.2,
-            lr=2e-6,
-            head_lr=1e-4,
-            head_pattern=r"^head\.",
-            warmup_steps=0,
-            warmup_init=1e-6,
-            decay_per_epoch=0.95,
-            steps_per_epoch=0,
-            min_lr=0.0,
+            name="adam",  # adam: L2 added to the gradient (torch.optim.Adam); adamw: decoupled decay
+            b1=0.9,  # Adam β1
+            b2=0.98,  # Adam β2
+            eps=1e-6,  # Adam ε
+            weight_decay=0.2,  # L2 (adam) or decoupled (adamw) weight decay
+            lr=2e-6,  # peak rate of every trainable parameter outside the head group
+            head_lr=1e-4,  # peak rate of the head group
+            head_pattern=r"^head\.",  # regex over parameter paths: the head group
+            warmup_steps=0,  # linear warm-up steps (0: none)
+            warmup_init=1e-6,  # rate at step 0 of the warm-up
+            decay_per_epoch=0.95,  # rate × decay_per_epoch at every epoch boundary
+            steps_per_epoch=0,  # 0: the training examples per epoch / data.batch_size
+            min_lr=0.0,  # floor of the decayed rate
         )
     )
-    c.loss = ml_collections.ConfigDict(dict(itm=1.0, tmim=1.0, mask_prediction=0.0, temperature=0.0))
-    c.data = ml_collections.ConfigDict(
+    c.loss = ml_collections.ConfigDict(
         dict(
-            root="",
-            source="folder",
-            tfds_dir="",
-            annotations=(),
-            on_error="raise",
-            image_size=224,
-            max_text_length=64,
-            first_token="enc",
-            batch_size=36,
-            workers=0,
-            threads=2,
-            prefetch=2,
-            worker_buffer=1,
-            seed=0,
-            shuffle=True,
-            num_epochs=ml_collections.FieldReference(None, field_type=int),
-            jpeg_draft=False,
-            vocab=ml_collections.FieldReference(None, field_type=str),
-            augment=dict(
-                random_resized_crop=False,
-                crop_scale=(0.2, 1.0),
-                crop_ratio=(0.75, 1.3333333333333333),
-                randaugment_layers=0,
-                randaugment_magnitude=5,
-                flip="off",
-                flip_probability=0.5,
-            ),
-            synthetic=0,
+            itm=1.0,  # stage 1: weight of the ITM loss
+            tmim=1.0,  # stage 1: weight of the TMIM reconstruction loss
+            mask_prediction=0.0,  # stage 1: weight of the optional mask-prediction loss
+            temperature=0.0,  # hard-negative sampling temperature (0: none, as the authors)
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(splits=("valid",), batch_size=36))
-    c.nan_check = True
+    c.data = dataclass_section(DataConfig())  # DataConfig fields (data/pipeline.py), augment: AugmentConfig
+    c.data.synthetic = 0  # generate this many training sets under data.root when it holds none (main job)
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            splits=("valid",),  # ImageCoDe splits evaluated during training
+            batch_size=36,  # descriptions per evaluation batch (global)
+        )
+    )
     return c
+
+
+def check(config: ml_collections.ConfigDict) -> stages.Stage:
+    """Errors a user can fix, raised before anything is built or compiled; returns the run's stage."""
+    stage = stages.get(config.stage)
+    unknown = sorted(set(config.remat) - set(REMAT_TOWERS))
+    if unknown:
+        raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
+    if config.data.root and not config.data.synthetic and not os.path.isdir(config.data.root):
+        raise FileNotFoundError(f"data root {config.data.root} does not exist")
+    if config.grad_accum_steps < 1 or config.data.batch_size % config.grad_accum_steps:
+        raise ValueError(
+            f"data.batch_size {config.data.batch_size} is not divisible by grad_accum_steps {config.grad_accum_steps}"
+        )
+    return stage
+
+
+def parse_args(arg: str, **defaults: str) -> dict[str, str]:
+    """A config file's `:key=value,...` argument over its `defaults`; a key it does not take is an error naming the
+    ones it does (`configs/imagecode.py:stage=context,variant=L/16`)."""
+    given = dict(item.split("=", 1) if "=" in item else (item, "") for item in arg.split(",") if item)
+    if unknown := sorted(set(given) - set(defaults)):
+        raise ValueError(f"unknown config argument(s) {unknown}; this config takes {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def model_config(config: ml_collections.ConfigDict) -> ContextBLIPConfig:
+    return ContextBLIPConfig.from_dict(config.model.to_dict())

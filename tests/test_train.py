@@ -1,10 +1,15 @@
-"""The trainer end to end on a tiny config: exact resume, preemption, NaN stop, bad input, sharding, stages."""
+"""The trainer end to end on the tiny config: exact resume, preemption, NaN stop, bad input, sharding, stages.
+
+Runs happen in this process (`train.train`) unless a separate process is the point: resuming in a new process,
+SIGTERM, several processes, 8 simulated devices, and the command lines themselves.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,34 +17,11 @@ import time
 import numpy as np
 import pytest
 
-from contextblip_jax import run
+from contextblip_jax import train, weights
+from contextblip_jax.data import inputs
+from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
 from contextblip_jax.telemetry import read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.model.blip.vision.width=32",
-    "--config.model.blip.vision.depth=2",
-    "--config.model.blip.vision.num_heads=2",
-    "--config.model.blip.vision.mlp_dim=64",
-    "--config.model.blip.vision.image_size=32",
-    "--config.model.blip.vision.patch_size=8",
-    "--config.model.blip.text.width=32",
-    "--config.model.blip.text.depth=1",
-    "--config.model.blip.text.num_heads=2",
-    "--config.model.blip.text.mlp_dim=64",
-    "--config.model.blip.text.max_positions=24",
-    "--config.model.blip.text.encoder_width=32",
-    "--config.model.blip.embed_dim=16",
-    "--config.model.tmim.decoder_heads=2",
-    "--config.model.tmim.decoder_mlp_dim=64",
-    "--config.model.context.num_heads=2",
-    "--config.model.context.mlp_dim=64",
-    "--config.data.image_size=32",
-    "--config.data.max_text_length=16",
-    "--config.data.batch_size=8",
-    "--config.eval.batch_size=8",
-    "--config.eval_every=0",
-]
+from tests.runs import ROOT, run_config, train_command
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +33,28 @@ def data_root(tmp_path_factory) -> str:
     return root
 
 
-def train_cmd(workdir, data_root: str, *extra: str, stage: str = "finetune") -> list[str]:
-    return [
-        sys.executable, "-m", "contextblip_jax.train", f"--config=configs/synthetic.py:stage={stage}",
-        f"--workdir={workdir}", f"--config.data.root={data_root}", "--config.data.synthetic=12", *TINY, *extra,
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root) -> str:
+    """A 2-step fine-tuning run, shared by the tests that only need some checkpoint."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    result = train.train(run_config(data_root, total_steps=2), workdir)
+    assert result["best"]["valid"]["step"] == 2
+    return workdir
 
 
-def train(workdir, data_root: str, *extra: str, env: dict | None = None, stage: str = "finetune"):
-    return subprocess.run(
-        train_cmd(workdir, data_root, *extra, stage=stage), cwd=ROOT, capture_output=True, text=True,
-        env=env, check=False, timeout=600,
-    )  # fmt: skip
+def run(command: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, check=False, timeout=timeout)
 
 
 def train_losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
 
 
-def test_exact_resume_gives_bitwise_identical_losses(tmp_path, data_root):
-    common = ("--config.log_every=1", "--config.checkpoint_every=20")
-    straight = train(tmp_path / "straight", data_root, "--config.total_steps=40", *common)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = train(tmp_path / "resumed", data_root, "--config.total_steps=20", *common)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = train(tmp_path / "resumed", data_root, "--config.total_steps=40", *common)
+def test_resuming_in_a_new_process_gives_bitwise_identical_losses(tmp_path, data_root):
+    common = {"log_every": 1, "checkpoint_every": 20}
+    train.train(run_config(data_root, total_steps=40, **common), str(tmp_path / "straight"))
+    train.train(run_config(data_root, total_steps=20, **common), str(tmp_path / "resumed"))
+    second = run(train_command(tmp_path / "resumed", data_root, "--config.total_steps=40", "--config.log_every=1"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 20" in second.stderr
     expected, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
@@ -88,8 +67,8 @@ def test_exact_resume_gives_bitwise_identical_losses(tmp_path, data_root):
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_root):
     workdir = tmp_path / "preempted"
     process = subprocess.Popen(
-        train_cmd(workdir, data_root, "--config.total_steps=100000", "--config.log_every=1",
-                  "--config.checkpoint_every=100000"),
+        train_command(workdir, data_root, "--config.total_steps=100000", "--config.log_every=1",
+                      "--config.checkpoint_every=100000"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -101,159 +80,170 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_root):
     interrupted = json.loads(stdout.strip().splitlines()[-1])["preempted_at"]
     steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
     assert steps == [interrupted] and interrupted >= 3
-    rerun = train(workdir, data_root, f"--config.total_steps={interrupted + 2}", "--config.log_every=1")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from step {interrupted}" in rerun.stderr
+    train.train(run_config(data_root, total_steps=interrupted + 2, log_every=1), str(workdir))
     assert max(train_losses(workdir)) == interrupted + 2
+    assert sorted(train_losses(workdir)) == list(range(1, interrupted + 3))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
-    result = train(tmp_path / "nan", data_root, "--config.total_steps=30", "--config.log_every=1",
-                   "--config.checkpoint_every=1", "--config.optimizer.lr=1e30", "--config.optimizer.head_lr=1e30",
-                   "--config.optimizer.warmup_steps=0")  # fmt: skip
-    assert result.returncode != 0
-    message = [line for line in result.stderr.splitlines() if line.startswith("error: loss is")][-1]
+    config = run_config(
+        data_root, total_steps=30, log_every=1, checkpoint_every=1, optimizer__lr=1e30, optimizer__head_lr=1e30,
+        optimizer__warmup_steps=0,
+    )  # fmt: skip
+    with pytest.raises(train.NonFiniteLoss, match="loss is") as raised:
+        train.train(config, str(tmp_path / "nan"))
+    message = str(raised.value)
     bad_step = int(message.split(" at step ")[1].split(";")[0])
     good = sorted(int(p) for p in os.listdir(tmp_path / "nan" / "checkpoints") if p.isdigit())
     assert good and max(good) == bad_step - 1 and f"last good checkpoint is step {bad_step - 1}" in message
 
 
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-
-
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "error", "message"),
     [
-        (("--config.mesh=(3,1,1)",), "needs 3 devices"),
-        (("--config.mesh=(8,1,1)", "--config.data.batch_size=12"), "not divisible by the data-parallel size 8"),
-        (("--config.stage=warmup",), "unknown stage"),
-        (("--config.data.root=/nonexistent/imagecode", "--config.data.synthetic=0"), "does not exist"),
+        ({"mesh": (3, 1, 1)}, ValueError, "needs 3 devices"),
+        ({"stage": "warmup"}, ValueError, "unknown stage 'warmup'"),
+        ({"data__root": "/nonexistent/imagecode", "data__synthetic": 0}, FileNotFoundError, "does not exist"),
+        ({"grad_accum_steps": 3}, ValueError, "not divisible by grad_accum_steps 3"),
+        ({"remat": ("decoder",)}, ValueError, "remat towers"),
     ],
 )
-def test_bad_input_is_named_before_compilation(tmp_path, data_root, overrides, message):
-    result = train(
-        tmp_path / "bad", data_root, "--config.total_steps=2", *overrides, env={**os.environ, **EIGHT_DEVICES}
-    )
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
+def test_bad_input_is_named_before_anything_is_written(tmp_path, data_root, overrides, error, message):
+    with pytest.raises(error, match=message):
+        train.train(run_config(data_root, total_steps=2, **overrides), str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
-def test_resuming_with_another_architecture_names_the_fields(tmp_path, data_root):
-    assert train(tmp_path / "w", data_root, "--config.total_steps=1").returncode == 0
-    result = train(tmp_path / "w", data_root, "--config.total_steps=2", "--config.model.blip.text.mlp_dim=48")
-    assert result.returncode != 0
-    assert "another architecture: blip.text.mlp_dim: checkpoint 64, config 48" in result.stderr, result.stderr[-2000:]
+def test_zeroshot_does_not_train(tmp_path, data_root):
+    with pytest.raises(ValueError, match="zeroshot stage does not train"):
+        train.train(run_config(data_root, stage="zeroshot"), str(tmp_path / "zs"))
 
 
-def test_mmvp_pair_accuracy_per_category(tmp_path, data_root):
+def test_resuming_with_another_architecture_names_the_fields(trained, data_root):
+    config = run_config(data_root, total_steps=3, model__blip__text__mlp_dim=48)
+    with pytest.raises(ValueError, match=r"another architecture: blip\.text\.mlp_dim: checkpoint 64, config 48"):
+        train.train(config, trained)
+
+
+def test_mmvp_pair_accuracy_per_category(tmp_path, trained, data_root):
     from tests.data.test_mmvp import miniature
 
-    assert train(tmp_path / "run", data_root, "--config.total_steps=1").returncode == 0
     (tmp_path / "mmvp").mkdir()
-    root = miniature(str(tmp_path / "mmvp"))
-    result = subprocess.run(
-        [sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py",
-         f"--workdir={tmp_path / 'run'}", f"--config.data.root={data_root}", *TINY, "--split=mmvp",
-         f"--mmvp_root={root}"],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    scores = json.loads(result.stdout.strip().splitlines()[-1])
-    categories = [k for k in scores if k not in ("split", "step", "all", "mean")]
+    config = run_config(data_root)
+    scores = mmvp_accuracy(config, scorer(config, trained), miniature(str(tmp_path / "mmvp")))
+    categories = [k for k in scores if k not in ("all", "mean")]
     assert len(categories) == 2 and all(scores[c] in (0.0, 0.5, 1.0) for c in categories)
-    assert scores["mean"] == sum(scores[c] for c in categories) / 2 and scores["step"] == 1
+    assert scores["mean"] == sum(scores[c] for c in categories) / 2
 
 
-def test_sharded_step_equals_one_device(tmp_path, data_root):
+def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, data_root):
+    common = [
+        sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py:variant=tiny",
+        f"--workdir={trained}", f"--config.data.root={data_root}", "--config.eval.batch_size=8",
+    ]  # fmt: skip
+    valid = run([*common, "--split=valid"])
+    assert valid.returncode == 0, valid.stderr[-2000:]
+    metrics = json.loads(valid.stdout.strip().splitlines()[-1])
+    assert metrics["step"] == 2 and metrics["split"] == "valid" and 0 <= metrics["acc"] <= 1
+    logged = [r for r in read_metrics(trained) if r["split"] == "valid"][-1]
+    assert metrics["acc"] == logged["acc"]  # the command scores what the trainer scored at its last step
+    test = run([*common, "--split=test"])
+    assert test.returncode == 0, test.stderr[-2000:]
+    with open(json.loads(test.stdout.strip().splitlines()[-1])["leaderboard"]) as f:
+        board = json.load(f)
+    with open(os.path.join(data_root, "test_data_unlabeled.json")) as f:
+        expected = json.load(f)
+    assert list(board) == list(expected)
+    for name, texts in expected.items():
+        assert len(board[name]) == len(texts) and all(0 <= i < 10 for i in board[name])
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
+    """One process with 8 simulated CPU devices trains the tiny model on meshes (8,1,1) for 3 steps, (2,4,1) and
+    (2,2,2) for 1 step each, checkpointing every step; {mesh: workdir}."""
+    base = tmp_path_factory.mktemp("eight")
+    meshes = {"(8,1,1)": 3, "(2,4,1)": 1, "(2,2,2)": 1}
+    workdirs = {mesh: str(base / mesh.strip("()").replace(",", "")) for mesh in meshes}
+    script = "from contextblip_jax import train\nfrom tests.runs import run_config\n" + "".join(
+        f"train.train(run_config({data_root!r}, total_steps={steps}, log_every=1, checkpoint_every=1, "
+        f"keep_checkpoints=3, mesh={mesh}), {workdirs[mesh]!r})\n"
+        for mesh, steps in meshes.items()
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = run([sys.executable, "-c", script], env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdirs
+
+
+def step_one_params(workdir: str) -> dict[str, np.ndarray]:
+    from contextblip_jax.checkpoint import RunCheckpoints
+
+    checkpoints = RunCheckpoints(workdir)
+    try:
+        return checkpoints.restore_params(1)
+    finally:
+        checkpoints.close()
+
+
+def test_sharded_step_equals_one_device(tmp_path, data_root, eight_devices):
     """One train step on 8 simulated devices, meshes (8,1,1), (2,4,1), (2,2,2): loss and updated parameters of
     the 1-device run within 1e-5."""
-    env = {**os.environ, **EIGHT_DEVICES}
-    results = {}
-    for mesh in ("(1,1,1)", "(8,1,1)", "(2,4,1)", "(2,2,2)"):
-        workdir = tmp_path / mesh.strip("()").replace(",", "")
-        extra = ("--config.total_steps=1", "--config.log_every=1", f"--config.mesh={mesh}")
-        result = train(workdir, data_root, *extra, env=env if mesh != "(1,1,1)" else None)
-        assert result.returncode == 0, result.stderr[-3000:]
-        _, params, _ = run.previous_run(str(workdir))
-        results[mesh] = (train_losses(workdir)[1], params)
-    loss, params = results["(1,1,1)"]
-    for mesh, (other_loss, other_params) in results.items():
-        assert abs(other_loss - loss) <= 1e-5 * max(1.0, abs(loss)), mesh
+    single = str(tmp_path / "single")
+    train.train(run_config(data_root, total_steps=1, log_every=1), single)
+    loss, params = train_losses(single)[1], step_one_params(single)
+    for mesh, workdir in eight_devices.items():
+        assert abs(train_losses(workdir)[1] - loss) <= 1e-5 * max(1.0, abs(loss)), mesh
+        other = step_one_params(workdir)
         for name, value in params.items():
-            np.testing.assert_allclose(other_params[name], value, atol=1e-5, err_msg=f"{mesh} {name}")
+            np.testing.assert_allclose(other[name], value, atol=1e-5, err_msg=f"{mesh} {name}")
 
 
-def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
-    """stage 1 -> zero-shot evaluation -> 2a -> 2b, each initialised from the previous one's checkpoint."""
-    steps = ("--config.total_steps=2", "--config.log_every=1")
-    stage1 = train(tmp_path / "s1", data_root, *steps, stage="pretrain")
-    assert stage1.returncode == 0, stage1.stderr[-3000:]
-    assert {"itm", "tmim"} <= set(read_metrics(str(tmp_path / "s1"))[-1])
-    zeroshot = subprocess.run(
-        [sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py:stage=zeroshot",
-         f"--workdir={tmp_path / 'zs'}", f"--config.data.root={data_root}", f"--config.init={tmp_path / 's1'}",
-         *TINY],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
-    assert zeroshot.returncode == 0, zeroshot.stderr[-3000:]
-    assert 0 <= json.loads(zeroshot.stdout.strip().splitlines()[-1])["acc"] <= 1
-    finetune = train(tmp_path / "s2a", data_root, *steps, f"--config.init={tmp_path / 's1'}")
-    assert finetune.returncode == 0 and f"the latest checkpoint of {tmp_path / 's1'}" in finetune.stderr
-    context = train(tmp_path / "s2b", data_root, *steps, f"--config.init={tmp_path / 's2a'}", stage="context")
-    assert context.returncode == 0, context.stderr[-3000:]
-    _, adapted, _ = run.previous_run(str(tmp_path / "s2a"))
-    _, final, _ = run.previous_run(str(tmp_path / "s2b"))
-    np.testing.assert_array_equal(final["head.proj.kernel"], adapted["head.proj.kernel"])  # 2a's head, frozen
-    assert not np.array_equal(final["context.position"], adapted["context.position"])
-
-
-def test_two_processes_match_one_process_with_eight_devices(tmp_path, data_root):
+def test_two_processes_match_one_process_with_eight_devices(tmp_path, data_root, eight_devices):
     """2 processes x 4 CPU devices (gloo collectives) reproduce the 1-process 8-device losses over 3 steps."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    steps = ("--config.total_steps=3", "--config.log_every=1", "--config.mesh=(8,1,1)")
-    single = train(tmp_path / "single", data_root, *steps, env={**os.environ, **EIGHT_DEVICES})
-    assert single.returncode == 0, single.stderr[-3000:]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}  # fmt: skip
-    processes = [
-        subprocess.Popen(
-            train_cmd(
-                tmp_path / "multi",
-                data_root,
-                *steps,
-                f"--coordinator=localhost:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    flags = ("--config.total_steps=3", "--config.log_every=1", "--config.mesh=(8,1,1)",
+             f"--coordinator=localhost:{port}", "--num_processes=2")  # fmt: skip
+    commands = [train_command(tmp_path / "multi", data_root, *flags, f"--process_id={i}") for i in range(2)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [subprocess.Popen(command, cwd=ROOT, env=env, **pipes) for command in commands]
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
-    expected, got = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")
+    expected, got = train_losses(eight_devices["(8,1,1)"]), train_losses(tmp_path / "multi")
     assert sorted(got) == [1, 2, 3]
     for step in (1, 2, 3):
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
 
 
-def test_predict_ranks_a_set(tmp_path, data_root):
-    assert train(tmp_path / "run", data_root, "--config.total_steps=1").returncode == 0
+def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
+    """stage 1 -> zero-shot evaluation -> 2a -> 2b, each initialised from the previous one's checkpoint."""
+    s1, s2a, s2b = (str(tmp_path / name) for name in ("s1", "s2a", "s2b"))
+    train.train(run_config(data_root, stage="pretrain", total_steps=2, log_every=1), s1)
+    assert {"itm", "tmim"} <= set(read_metrics(s1)[-1])
+    zeroshot = run_config(data_root, stage="zeroshot", init=s1)
+    scoring = scorer(zeroshot, str(tmp_path / "zs"))
+    row = ImageCodeEvaluator(inputs.data_config(zeroshot, train=False), "valid", scoring.mesh).run(scoring.predict, 0)
+    assert 0 <= row["acc"] <= 1 and row["descriptions"] > 0
+    train.train(run_config(data_root, total_steps=2, init=s1), s2a)
+    train.train(run_config(data_root, stage="context", total_steps=2, init=s2a), s2b)
+    _, adapted, _ = weights.run_params(s2a)
+    _, first, _ = weights.run_params(s1)
+    _, final, _ = weights.run_params(s2b)
+    np.testing.assert_array_equal(adapted["tmim.head.kernel"], first["tmim.head.kernel"])  # 2a leaves TMIM alone
+    np.testing.assert_array_equal(final["head.proj.kernel"], adapted["head.proj.kernel"])  # 2a's head, frozen
+    assert not np.array_equal(final["context.position"], adapted["context.position"])
+
+
+def test_predict_command_ranks_a_set(trained, data_root):
     folder = os.path.join(data_root, "image-sets", sorted(os.listdir(os.path.join(data_root, "image-sets")))[0])
-    result = subprocess.run(
-        [sys.executable, "-m", "contextblip_jax.predict", f"--workdir={tmp_path / 'run'}", f"--images={folder}",
+    result = run(
+        [sys.executable, "-m", "contextblip_jax.predict", f"--workdir={trained}", f"--images={folder}",
          "--text=two blue circles on the left", "--stage=finetune"],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     ranking = json.loads(result.stdout)["ranking"]

@@ -1,6 +1,9 @@
 """PyTorch BLIP / ContextBLIP checkpoints -> Flax.
 
 `load_blip` and `load_contextblip` for code, `python -m contextblip_jax.convert` for files.
+
+Modules here import the model configs and modules, `checkpoint.py` (Orbax) and each other; PyTorch is
+imported only where a pickle is read.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import jax.numpy as jnp
 from contextblip_jax.convert import directory
 from contextblip_jax.convert.blip import build_model
 from contextblip_jax.convert.contextblip import build_contextblip
-from contextblip_jax.convert.dispatch import convert_any
+from contextblip_jax.convert.dispatch import convert_any, with_image_size
 from contextblip_jax.convert.errors import ConversionError
 from contextblip_jax.models.blip import BlipRetrieval
-from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig, deep_merge
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.vit import resample_posemb
 
@@ -42,7 +45,7 @@ def load_blip(
         if metadata.get("model", "blip") != "blip":
             raise ValueError(f"{path} holds a ContextBLIP model: use load_contextblip")
         return build_model(config, params, dtype)
-    conversion = convert_any(path, "blip", _with_image_size(model_config, image_size, nested=False))
+    conversion = convert_any(path, "blip", with_image_size(model_config, image_size, nested=False))
     return build_model(conversion.config, conversion.params, dtype)
 
 
@@ -66,7 +69,7 @@ def load_contextblip(
             config = ContextBLIPConfig(blip=config)
             params = {f"blip.{name}": value for name, value in params.items()}
         return build_contextblip(config, params, dtype, seed)
-    conversion = convert_any(path, "contextblip", _with_image_size(model_config, image_size, nested=True))
+    conversion = convert_any(path, "contextblip", with_image_size(model_config, image_size, nested=True))
     return build_contextblip(conversion.config, conversion.params, dtype, seed)
 
 
@@ -96,11 +99,3 @@ def _read(
         name = f"{prefix}vision.pos_embed"
         params[name] = resample_posemb(params[name], image_size // blip.vision.patch_size)
     return config, params, metadata
-
-
-def _with_image_size(model_config: Mapping[str, Any] | None, image_size: int | None, nested: bool) -> dict[str, Any]:
-    overrides = dict(model_config or {})
-    if image_size:
-        change = {"vision": {"image_size": image_size}}
-        overrides = deep_merge(overrides, {"blip": change} if nested else change)
-    return overrides

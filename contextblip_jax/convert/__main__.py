@@ -20,9 +20,8 @@ from absl import app, flags, logging
 
 from contextblip_jax.convert import directory
 from contextblip_jax.convert.contextblip import full_params
-from contextblip_jax.convert.dispatch import TARGETS, convert_any
+from contextblip_jax.convert.dispatch import TARGETS, convert_any, with_image_size
 from contextblip_jax.convert.errors import ConversionError
-from contextblip_jax.models.config import deep_merge
 
 _INPUT = flags.DEFINE_string("input", None, "PyTorch checkpoint: HF folder, .safetensors, .bin, .pth or .pt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create with the Orbax checkpoint and model config.")
@@ -61,11 +60,8 @@ def _overrides() -> dict[str, Any]:
             raise ConversionError(_MODEL_CONFIG.value, [f"--model-config is not valid JSON: {error}"]) from error
         if not isinstance(overrides, dict):
             raise ConversionError(_MODEL_CONFIG.value, ["--model-config must be a JSON object"])
-    if _IMAGE_SIZE.value:
-        change = {"vision": {"image_size": _IMAGE_SIZE.value}}
-        nested = "blip" in overrides or _TARGET.value == "contextblip"
-        overrides = deep_merge(overrides, {"blip": change} if nested else change)
-    return overrides
+    nested = "blip" in overrides or _TARGET.value == "contextblip"
+    return with_image_size(overrides, _IMAGE_SIZE.value, nested)
 
 
 def main(argv: list[str]) -> None:

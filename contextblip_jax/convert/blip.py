@@ -6,14 +6,13 @@ Nothing is written or built until every key and shape has been checked; all prob
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from contextblip_jax.convert import infer, names
@@ -22,7 +21,7 @@ from contextblip_jax.convert.mapping import Path, Rule, blip_rules
 from contextblip_jax.convert.sources import RawCheckpoint
 from contextblip_jax.models.blip import BlipRetrieval
 from contextblip_jax.models.config import BlipConfig
-from contextblip_jax.models.contextblip import dotted_path
+from contextblip_jax.models.layers import dotted_path
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -49,7 +48,7 @@ def convert_blip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None = None)
     `overrides` is a partial model config, e.g. `{"vision": {"image_size": 224}}`.
     """
     original = names.is_original_naming(raw.tensors)
-    tensors, dropped = rename_and_drop(raw.tensors, original)
+    tensors, dropped = names.canonical(raw.tensors)
     raw.tensors.clear()  # `tensors` now holds the only references, freed one by one below
     config, problems = _resolve_config(raw, tensors, original, overrides or {})
     if config is None:
@@ -85,21 +84,6 @@ def load_params(model: M, params: Mapping[str, Any]) -> M:
     return nnx.merge(graphdef, state)
 
 
-def rename_and_drop(tensors: dict[str, np.ndarray], original: bool) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    kept: dict[str, np.ndarray] = {}
-    dropped: Counter[str] = Counter()
-    for key, value in tensors.items():
-        kind = names.known_extra(key)
-        if kind:
-            dropped[kind] += 1
-        else:
-            kept[names.original_to_hf(key) if original else key] = value
-    if dropped:
-        summary = ", ".join(f"{count} {kind}" for kind, count in sorted(dropped.items()))
-        logging.info("dropped %d known extra tensors: %s", sum(dropped.values()), summary)
-    return kept, dict(dropped)
-
-
 def _resolve_config(
     raw: RawCheckpoint, tensors: Mapping[str, np.ndarray], original: bool, overrides: Mapping[str, Any]
 ) -> tuple[BlipConfig | None, list[str]]:
@@ -107,22 +91,16 @@ def _resolve_config(
     inferred = None
     if not missing:
         inferred = infer.infer_config(tensors, infer.ORIGINAL_VISION_EPS if original else 1e-5)
-    try:
-        if raw.hf_config is not None:
+    if raw.hf_config is not None:
+        try:
             base = infer.config_from_hf(raw.hf_config)
-        elif inferred is not None:
-            base = inferred
-        else:
-            return None, [f"missing key {key} (needed to infer the architecture)" for key in missing]
-        config = base.override(dict(overrides))
-    except (TypeError, ValueError) as error:
-        return None, [f"invalid model config: {error}"]
-    problems = infer.contradictions(config, inferred) if inferred is not None else []
-    try:
-        config.validate()
-    except ValueError as error:
-        problems.append(f"invalid model config: {error}")
-    return (None if problems else config), problems
+        except (TypeError, ValueError) as error:
+            return None, [f"invalid model config: {error}"]
+    elif inferred is not None:
+        base = inferred
+    else:
+        return None, [f"missing key {key} (needed to infer the architecture)" for key in missing]
+    return infer.resolve(base, overrides, inferred, lambda config: config)
 
 
 def check_rules(

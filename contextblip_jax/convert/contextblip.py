@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,8 @@ from contextblip_jax.convert.errors import ConversionError
 from contextblip_jax.convert.mapping import BLIP_PREFIX, contextblip_rules
 from contextblip_jax.convert.sources import RawCheckpoint
 from contextblip_jax.models.config import AdapterConfig, ContextBLIPConfig, ContextConfig, TMIMConfig
-from contextblip_jax.models.contextblip import ContextBLIP, dotted_path
+from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.layers import dotted_path
 
 PARTS = ("blip", "adapter", "tmim", "head", "context")
 STAGE_PARTS = {
@@ -46,7 +46,6 @@ STAGE_PARTS = {
     "finetune": ("blip", "adapter", "head"),
     "context": ("blip", "adapter", "head", "context"),
 }
-_AUTHOR_EXTRAS = {"prompt-tuning MLM head (not part of ContextBLIP)": r"^(prompt$|pred_head\.)"}
 
 
 @dataclasses.dataclass
@@ -78,23 +77,17 @@ def convert_contextblip(raw: RawCheckpoint, overrides: Mapping[str, Any] | None 
     """Checks and converts an authors' checkpoint (consuming `raw`'s tensors); `overrides` is a partial
     ContextBLIP config, e.g. `{"tmim": {"decoder_heads": 8}}`."""
     stage = authors_stage(raw.tensors)
-    tensors, dropped = _canonical(raw.tensors)
+    tensors, dropped = names.canonical(raw.tensors, BLIP_PREFIX)
     raw.tensors.clear()
     blip_view = {k[len(BLIP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BLIP_PREFIX)}
     missing = infer.missing_for_inference(blip_view)
     if missing:
         raise ConversionError(raw.path, [f"missing key {BLIP_PREFIX}{k} (needed to infer BLIP)" for k in missing])
     inferred_blip = infer.infer_config(blip_view, infer.ORIGINAL_VISION_EPS)
-    try:
-        config = _infer_parts(tensors, inferred_blip).override(dict(overrides or {}))
-    except (TypeError, ValueError) as error:
-        raise ConversionError(raw.path, [f"invalid model config: {error}"]) from error
-    problems = infer.contradictions(config.blip, inferred_blip)
-    try:
-        config.validate()
-    except ValueError as error:
-        problems.append(f"invalid model config: {error}")
-    if problems:
+    config, problems = infer.resolve(
+        _infer_parts(tensors, inferred_blip), overrides or {}, inferred_blip, lambda config: config.blip
+    )
+    if config is None:
         raise ConversionError(raw.path, problems)
     parts = contextblip_rules(config)
     rules = {path: rule for part in STAGE_PARTS[stage] for path, rule in parts[part].items()}
@@ -134,27 +127,6 @@ def full_params(config: ContextBLIPConfig, params: Mapping[str, Any], seed: int 
     """Every parameter: `params` plus a fresh initialisation (from `seed`) of the parts they lack."""
     model = build_contextblip(config, params, seed=seed)
     return {dotted_path(path): var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def _canonical(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Strips the `blip.` wrappers, renames BLIP to Hugging Face names, drops known extras (counted)."""
-    kept: dict[str, np.ndarray] = {}
-    dropped: Counter[str] = Counter()
-    for key, value in tensors.items():
-        name = re.sub(r"^(blip\.)+", "", key)
-        inner = name[len(BLIP_PREFIX) :] if name.startswith(BLIP_PREFIX) else name
-        kind = names.known_extra(inner) or next(
-            (kind for kind, pattern in _AUTHOR_EXTRAS.items() if re.search(pattern, name)), None
-        )
-        if kind:
-            dropped[kind] += 1
-        elif name.startswith(BLIP_PREFIX):
-            kept[BLIP_PREFIX + names.original_to_hf(inner)] = value
-        else:
-            kept[name] = value
-    if dropped:
-        logging.info("dropped %d known extra tensors: %s", sum(dropped.values()), dict(sorted(dropped.items())))
-    return kept, dict(dropped)
 
 
 def _infer_parts(tensors: Mapping[str, np.ndarray], blip: Any) -> ContextBLIPConfig:

@@ -22,7 +22,7 @@ from contextblip_jax.convert.contextblip import (
 )
 from contextblip_jax.convert.errors import ConversionError
 from contextblip_jax.convert.sources import read_checkpoint
-from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig, deep_merge
 
 TARGETS = ("auto", "blip", "contextblip")
 
@@ -65,3 +65,12 @@ def convert_any(path: str, target: str = "auto", overrides: Mapping[str, Any] | 
         initialised=list(converted.initialised),
     )
     return Conversion("contextblip", converted.config, converted.params, metadata, raw.tokenizer_dir)
+
+
+def with_image_size(overrides: Mapping[str, Any] | None, image_size: int | None, nested: bool) -> dict[str, Any]:
+    """A partial model config that also sets the resolution (`nested`: under `blip`, as ContextBLIP's configs)."""
+    result = dict(overrides or {})
+    if image_size:
+        change = {"vision": {"image_size": image_size}}
+        result = deep_merge(result, {"blip": change} if nested else change)
+    return result

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
-from contextblip_jax.models.config import BlipConfig, TextConfig, VisionConfig, flat_items
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig, TextConfig, VisionConfig, flatten_dict
 
 HEAD_DIM = 64
 ORIGINAL_VISION_EPS = 1e-6
@@ -122,12 +122,32 @@ differ on purpose (position embeddings are then resampled)."""
 
 def contradictions(config: BlipConfig, inferred: BlipConfig) -> list[str]:
     """Every shape-determined field where `config` disagrees with what the tensors say."""
-    given, actual = flat_items(config), flat_items(inferred)
+    given, actual = flatten_dict(config.to_dict()), flatten_dict(inferred.to_dict())
     return [
         f"model config {field} = {given[field]}, but the tensors have {actual[field]}"
         for field in SHAPE_FIELDS
         if given[field] != actual[field]
     ]
+
+
+C = TypeVar("C", BlipConfig, ContextBLIPConfig)
+
+
+def resolve(
+    base: C, overrides: Mapping[str, Any], inferred: BlipConfig | None, blip_of: Callable[[C], BlipConfig]
+) -> tuple[C | None, list[str]]:
+    """`base` with the user's `overrides`, checked: (config, []) or (None, every problem). The BLIP part
+    (`blip_of(config)`) must agree with what the tensors say (`inferred`, when they say enough)."""
+    try:
+        config = base.override(dict(overrides))
+    except (TypeError, ValueError) as error:
+        return None, [f"invalid model config: {error}"]
+    problems = contradictions(blip_of(config), inferred) if inferred is not None else []
+    try:
+        config.validate()
+    except ValueError as error:
+        problems.append(f"invalid model config: {error}")
+    return (None if problems else config), problems
 
 
 def count_layers(tensors: Mapping[str, np.ndarray], pattern: str) -> int:

@@ -1,12 +1,18 @@
-"""Tensor names: the original salesforce/BLIP names renamed to Hugging Face's, and the known extras to drop.
+"""Tensor names: the original salesforce/BLIP names renamed to Hugging Face's, the ContextBLIP authors' wrappers
+stripped, and the known extras to drop.
 
-Everything downstream speaks Hugging Face names, so the original `.pth` files need only this rename.
+Everything downstream speaks Hugging Face names, so the original `.pth` files and the authors' files need only
+`canonical`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from absl import logging
 
 _ORIGINAL_TO_HF = (
     (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
@@ -26,6 +32,7 @@ _KNOWN_EXTRAS = {
     "temperature": r"^temp$",
     "position_ids buffers": r"(^|\.)position_ids$",
     "text decoder": r"^text_decoder\.",
+    "prompt-tuning MLM head (not part of ContextBLIP)": r"^(prompt$|pred_head\.)",
 }
 
 
@@ -48,3 +55,27 @@ def known_extra(name: str) -> str | None:
         if re.search(pattern, name):
             return kind
     return None
+
+
+_AUTHORS_WRAPPERS = re.compile(r"^(blip\.)+")
+"""The authors' fine-tuning scripts wrap the model in `blip.` once per stage (`blip.blip.pretrained_blip.…`)."""
+
+
+def canonical(tensors: Mapping[str, np.ndarray], blip_prefix: str = "") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """(renamed tensors, counts of dropped extras by kind): the authors' `blip.` wrappers stripped, BLIP's original
+    names renamed to Hugging Face's, known extras dropped. BLIP's tensors are those under `blip_prefix`
+    (`pretrained_blip.` in the authors' files, everything in a BLIP checkpoint); a Hugging Face name is kept."""
+    kept: dict[str, np.ndarray] = {}
+    dropped: Counter[str] = Counter()
+    for key, value in tensors.items():
+        name = _AUTHORS_WRAPPERS.sub("", key)
+        prefix = blip_prefix if name.startswith(blip_prefix) else ""
+        inner = name[len(prefix) :]
+        if kind := known_extra(inner):
+            dropped[kind] += 1
+        else:
+            kept[prefix + (original_to_hf(inner) if prefix == blip_prefix else inner)] = value
+    if dropped:
+        summary = ", ".join(f"{count} {kind}" for kind, count in sorted(dropped.items()))
+        logging.info("dropped %d known extra tensors: %s", sum(dropped.values()), summary)
+    return kept, dict(dropped)

@@ -10,6 +10,10 @@ preprocess.py  tokenizer, JPEG decoding, resize + CLIP normalisation
 augment.py     random resized crop, light RandAugment, text-aware flip
 transforms.py  per-example work done in the pipeline's workers
 pipeline.py    grain: shards, shuffle, batches, resumable iterators, global jax.Arrays
+inputs.py      what a run reads, from its config: a stage's training input, the generated main-job data
 benchmark.py   input throughput
 errors.py      DataError and the raise-or-skip policy
+
+Modules here import only each other, except `inputs.py`, which reads the stage table to know what a stage's
+batches hold.
 """

@@ -44,12 +44,15 @@ _LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand|handed|side|sided)?\b
 class AugmentConfig:
     """`config.data.augment`: everything off by default (evaluation and the zero-shot stage need none).
 
+    random_resized_crop: crop a box of `crop_scale` of the area with aspect ratio within `crop_ratio`, resize back.
+    randaugment_layers / randaugment_magnitude: ops drawn per example and their strength (0-10).
+    flip: "off" or "text_aware" (a flip also swaps left/right words), with probability `flip_probability`.
     BLIP's stage-1 recipe is `random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2,
-    randaugment_magnitude=5, flip="text_aware"`. Magnitudes run 0-10.
+    randaugment_magnitude=5` with a horizontal flip.
     """
 
     random_resized_crop: bool = False
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     randaugment_layers: int = 0
     randaugment_magnitude: float = 5.0

@@ -1,6 +1,6 @@
 """The ImageCoDe folder as users download it, read into one example per description.
 
-Layout (see shared/reference/imagecode.md):
+Layout (as downloaded from Zenodo record 6518944 or the Hugging Face dataset `BennoKrojer/ImageCoDe`):
 
     <root>/train_data.json            {set_name: {"<target 0..9>": description, ...}}
     <root>/valid_data.json            same

@@ -202,11 +202,16 @@ def imagecode_dataset(
 
 
 def captions_dataset(
-    config: DataConfig, train: bool, shard_index: int | None = None, shard_count: int | None = None
+    config: DataConfig,
+    train: bool,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    source: Any = None,
 ) -> grain.IterDataset:
     """Batches of B captioned images for stage 1 (images [B, S, S, 3])."""
+    source = caption_source(config) if source is None else source
     transform = transforms.PrepareCaption(**_prepare_kwargs(config, train))
-    return build_dataset(caption_source(config), transform, config, train, host_shard(shard_index, shard_count))
+    return build_dataset(source, transform, config, train, host_shard(shard_index, shard_count))
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:

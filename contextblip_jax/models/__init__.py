@@ -1,4 +1,8 @@
-"""Flax NNX modules, one concept per file."""
+"""Flax NNX modules, one concept per file.
+
+Modules here import only each other and `losses.py`: a model never knows about data, configs of runs,
+sharding meshes or checkpoints.
+"""
 
 from contextblip_jax.models.blip import BlipRetrieval
 from contextblip_jax.models.config import BlipConfig, TextConfig, VisionConfig

@@ -1,4 +1,4 @@
-"""ContextBLIP's multi-level ("multi-scale") adapter, reference §3.
+"""ContextBLIP's multi-level ("multi-scale") adapter, as in the authors' `models/multiscale_adapter.py`.
 
 It sits beside the ViT: the ViT runs unchanged, and the adapter adds a residual to all its final tokens (CLS
 too), computed from the hidden states of a few blocks (3, 6, 9, 12 for ViT-B), each through the ViT's final

@@ -109,14 +109,14 @@ class BlipConfig:
         return BlipConfig.from_dict(deep_merge(self.to_dict(), changes))
 
 
-def flat_items(config: BlipConfig) -> dict[str, Any]:
-    """`{"vision.width": 768, ...}`: the config as dotted keys, for messages that name fields."""
+def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"vision.width": 768, ...}`: a nested config dict as dotted keys, for messages that name fields."""
     flat: dict[str, Any] = {}
-    for key, value in config.to_dict().items():
+    for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            flat.update(flatten_dict(value, f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -147,8 +147,9 @@ def _check_activation(tower: str, name: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """ContextBLIP's multi-level adapter (reference §3): ViT blocks `levels` (1-indexed), width / `reduction`
-    per level. `conv_kernels` switches on the optional depthwise-convolution branch (off: the authors' design).
+    """ContextBLIP's multi-level adapter (the authors' `models/multiscale_adapter.py`): ViT blocks `levels`
+    (1-indexed), width / `reduction` per level. `conv_kernels` switches on the optional depthwise-convolution
+    branch (off: the authors' design).
 
     Empty `levels` means four levels spread evenly over the ViT: 3/6/9/12 for ViT-B, 6/12/18/24 for ViT-L.
     """
@@ -165,7 +166,7 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TMIMConfig:
-    """Text-guided masked image modelling (reference §4)."""
+    """Text-guided masked image modelling (the authors' `models/multiscale_adapter.py`)."""
 
     mask_rate: float = 0.25
     random_mask: bool = False
@@ -180,7 +181,8 @@ class TMIMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ContextConfig:
-    """The inter-context encoder over the candidates of one description (reference §6, stage 2b)."""
+    """The inter-context encoder over the candidates of one description (stage 2b, the authors'
+    `finetune_context.py`)."""
 
     num_candidates: int = 10
     depth: int = 2

@@ -1,4 +1,5 @@
-"""Stage heads: the scoring head (2a) and the inter-context encoder over the 10 candidates (2b), reference §6.
+"""Stage heads: the scoring head (2a) and the inter-context encoder over the 10 candidates (2b), as in the authors'
+`finetune_notf.py` and `finetune_context.py`.
 
 The encoder sees the 10 L2-normalised multimodal vectors of one description at once, so each candidate's score
 can depend on the others. A learned position embedding is added only for video sets (frames are in temporal

@@ -1,16 +1,15 @@
 """ContextBLIP: BLIP + multi-level adapter + TMIM + scoring head + inter-context encoder, one method per stage.
 
-| stage      | method              | trains (default filter over parameter paths)      |
-|------------|---------------------|---------------------------------------------------|
-| pretrain   | `pretrain_losses`   | `adapter.*`, `tmim.*`, `mask_head.*`               |
-| zeroshot   | `zero_shot_scores`  | nothing                                            |
-| finetune   | `finetune_logits`   | both BLIP towers, `adapter.*`, `head.*`            |
-| context    | `context_logits`    | `context.*` (2a's model and head frozen)          |
+| stage (paper)       | method              |
+|---------------------|---------------------|
+| 1, pre-training     | `pretrain_losses`   |
+| zero-shot IRCD      | `zero_shot_scores`  |
+| 2a, fine-tuning     | `finetune_logits`   |
+| 2b, inter-context   | `context_logits`    |
 
-Which parameters train is data: `trainable_filter(pattern)` turns a config's regular expression into an NNX
-filter for `nnx.grad` and `nnx.Optimizer`, so no stage needs code of its own to freeze anything. Stage 2a
-trains "the whole model" as the reference says, except the parts its logits never use (TMIM, the ITC
-projections and the ITM head), which stay as stage 1 left them.
+Which parameters train in a stage is data, not code: `stages.py` holds each stage's pattern over dotted parameter
+paths and `trainable_filter(pattern)` turns it into an NNX filter, so no stage needs code of its own to freeze
+anything.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from contextblip_jax.models.adapter import MultiLevelAdapter
 from contextblip_jax.models.blip import BlipRetrieval, l2_normalize
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.context import InterContextEncoder, ScoringHead
-from contextblip_jax.models.layers import Dense
+from contextblip_jax.models.layers import Dense, dotted_path
 from contextblip_jax.models.text import TextOutput
 from contextblip_jax.models.tmim import (
     TMIMDecoder,
@@ -35,18 +34,6 @@ from contextblip_jax.models.tmim import (
     patchify,
     text_guided_mask,
 )
-
-TRAINABLE = {
-    "pretrain": r"^(adapter|tmim|mask_head)\.",
-    "zeroshot": r"(?!)",
-    "finetune": r"^(blip\.(vision|text)|adapter|head)\.",
-    "context": r"^context\.",
-}
-"""Default trainable-parameter patterns per stage (regular expressions over dotted parameter paths)."""
-
-
-def dotted_path(path: tuple) -> str:
-    return ".".join(str(getattr(part, "key", part)) for part in path)
 
 
 def trainable_filter(pattern: str) -> nnx.filterlib.Filter:

@@ -22,6 +22,11 @@ DEFAULT_INIT = nnx.initializers.normal(stddev=0.02)
 """BERT/BLIP's initialiser: N(0, 0.02) kernels, zero biases, unit LayerNorm scales."""
 
 
+def dotted_path(path: tuple) -> str:
+    """A parameter's name in flat dicts and checkpoints: its NNX path joined by dots (`blip.vision.norm.scale`)."""
+    return ".".join(str(getattr(part, "key", part)) for part in path)
+
+
 def sharded_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -> nnx.Param:
     """A float32 parameter annotated with logical axis names (one per dimension)."""
     if len(axes) != len(shape):

@@ -1,4 +1,4 @@
-"""Text-guided masked image modelling (TMIM), reference §4.
+"""Text-guided masked image modelling (TMIM), as in the authors' `models/multiscale_adapter.py`.
 
 The mask comes from the ITM pass's cross-attention: averaged over layers and heads, gradient stopped, image
 CLS dropped; one random real text token per example; its row over the patches L2-normalised plus U(0,1)·noise;

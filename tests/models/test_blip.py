@@ -10,14 +10,11 @@ import torch
 from flax import nnx
 
 from contextblip_jax.models.blip import BlipRetrieval
-from contextblip_jax.models.config import BlipConfig, TextConfig, VisionConfig
+from contextblip_jax.models.config import BlipConfig, VisionConfig
+from contextblip_jax.models.variants import VARIANTS
 from tests import blip_factory as bf
 
-TINY = BlipConfig(
-    vision=VisionConfig(width=32, depth=2, num_heads=4, mlp_dim=64, image_size=32, patch_size=8),
-    text=TextConfig(vocab_size=60, width=32, depth=2, num_heads=4, mlp_dim=64, max_positions=16, encoder_width=32),
-    embed_dim=16,
-)
+TINY = VARIANTS["tiny"].blip
 
 
 def count(config: BlipConfig) -> int:

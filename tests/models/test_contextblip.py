@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from contextblip_jax import losses
+from contextblip_jax import losses, stages
 from contextblip_jax.data.preprocess import BlipTokenizer, normalize_image
 from contextblip_jax.models.config import TMIMConfig
-from contextblip_jax.models.contextblip import TRAINABLE, ContextBLIP, dotted_path, set_remat, trainable_filter
+from contextblip_jax.models.contextblip import ContextBLIP, dotted_path, set_remat
+from contextblip_jax.trainconfig import base_config
 from tests.tiny import tiny_contextblip
 
 CONFIG = tiny_contextblip(tmim=TMIMConfig(decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, mask_prediction=True))
@@ -30,25 +31,23 @@ def candidates_batch():
     return images, ids, (ids > 0).astype(jnp.int32), jnp.array([3, 7]), jnp.array([1, 0])
 
 
-def stage_loss(stage: str):
+def stage_loss(name: str):
+    """The stage table's own loss on a fixed batch (stage 1 reads each description's first candidate)."""
     images, ids, mask, target, is_video = candidates_batch()
-
-    def loss(model: ContextBLIP) -> jax.Array:
-        if stage == "pretrain":
-            return sum(model.pretrain_losses(images[:, 0], ids, mask, jax.random.key(0)).values())
-        if stage == "finetune":
-            return losses.candidate_loss(model.finetune_logits(images, ids, mask), target)
-        logits = model.context_logits(images, ids, mask, is_video, rngs=nnx.Rngs(dropout=0))
-        return losses.candidate_loss(logits, target)
-
-    return loss
+    stage = stages.get(name)
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask, "target": target, "is_video": is_video}
+    if stage.data == "captions":
+        batch = {"images": images[:, 0], "input_ids": ids, "attention_mask": mask}
+    loss_config = base_config().loss
+    loss_config.mask_prediction = 1.0
+    return lambda model: stage.loss(model, batch, jax.random.key(0), loss_config)[0]
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "context"])
 def test_frozen_parameters_stay_exactly_and_trainable_ones_change(stage):
     model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
     before = flat_params(model)
-    wrt = trainable_filter(TRAINABLE[stage])
+    wrt = stages.get(stage).trainable_filter()
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=wrt)
     grads = nnx.grad(stage_loss(stage), argnums=nnx.DiffState(0, wrt))(model)
     optimizer.update(model, grads)
@@ -69,8 +68,8 @@ def flat_params_of(model: nnx.Module, wrt) -> list[str]:
 def test_stage_filters_select_the_documented_parts():
     model = nnx.eval_shape(lambda: ContextBLIP(CONFIG, rngs=nnx.Rngs(0)))
     tops = {
-        stage: {name.split(".")[0] for name in flat_params_of(model, trainable_filter(p))}
-        for stage, p in TRAINABLE.items()
+        name: {path.split(".")[0] for path in flat_params_of(model, stage.trainable_filter())}
+        for name, stage in stages.STAGES.items()
     }
     assert tops == {
         "pretrain": {"adapter", "tmim", "mask_head"},
@@ -78,7 +77,7 @@ def test_stage_filters_select_the_documented_parts():
         "finetune": {"blip", "adapter", "head"},
         "context": {"context"},
     }
-    finetune = flat_params_of(model, trainable_filter(TRAINABLE["finetune"]))
+    finetune = flat_params_of(model, stages.get("finetune").trainable_filter())
     assert not [n for n in finetune if n.startswith(("blip.itm_head", "blip.vision_proj", "blip.text_proj"))]
 
 
@@ -104,7 +103,7 @@ def test_stage_one_loss_decreases_on_generated_captions():
     stand in for a trained one; with N(0, 0.02) weights its logits are ~0 whatever the adapter does."""
     model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
     model.blip.itm_head.kernel[...] = model.blip.itm_head.kernel[...] * 50
-    wrt = trainable_filter(TRAINABLE["pretrain"])
+    wrt = stages.get("pretrain").trainable_filter()
     optimizer = nnx.Optimizer(model, optax.adamw(3e-3, weight_decay=0.05), wrt=wrt)
     images, ids, mask = caption_pairs()
 
@@ -144,7 +143,7 @@ def test_remat_changes_memory_policy_not_numbers():
     def loss_and_grads(towers):
         model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
         set_remat(model, towers)
-        wrt = trainable_filter(TRAINABLE["finetune"])
+        wrt = stages.get("finetune").trainable_filter()
 
         def loss(model):
             return losses.candidate_loss(model.finetune_logits(images, ids, mask), target)

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from contextblip_jax.models.config import TextConfig
 from contextblip_jax.models.text import TextEncoder
+from contextblip_jax.models.variants import VARIANTS
 
-TINY = TextConfig(vocab_size=50, width=16, depth=2, num_heads=4, mlp_dim=32, max_positions=12, encoder_width=24)
+TINY = VARIANTS["tiny"].blip.text
 
 
 def test_padding_tokens_do_not_change_real_positions():
@@ -17,7 +17,7 @@ def test_padding_tokens_do_not_change_real_positions():
     mask = jnp.array([[1, 1, 1, 0, 0, 0]])
     ids_a = jnp.array([[5, 6, 7, 0, 0, 0]])
     ids_b = jnp.array([[5, 6, 7, 9, 31, 2]])
-    image = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 24)), jnp.float32)
+    image = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, TINY.encoder_width)), jnp.float32)
     for tokens in (None, image):
         a = model(ids_a, mask, tokens).last_hidden_state[:, :3]
         b = model(ids_b, mask, tokens).last_hidden_state[:, :3]
@@ -28,7 +28,7 @@ def test_cross_attention_maps_only_with_image_tokens():
     model = TextEncoder(TINY, rngs=nnx.Rngs(0))
     ids, mask = jnp.array([[5, 6, 7, 8]]), jnp.ones((1, 4), jnp.int32)
     assert model(ids, mask).cross_attention == ()
-    image = jnp.ones((1, 5, 24))
+    image = jnp.ones((1, 5, TINY.encoder_width))
     out = model(ids, mask, image, jnp.ones((1, 5), bool))
     assert len(out.cross_attention) == TINY.depth
     assert out.cross_attention[0].shape == (1, TINY.num_heads, 4, 5)

@@ -9,9 +9,10 @@ import torch
 from flax import nnx
 
 from contextblip_jax.models.config import VisionConfig
+from contextblip_jax.models.variants import VARIANTS
 from contextblip_jax.models.vit import VisionTransformer, resample_posemb
 
-TINY = VisionConfig(width=16, depth=3, num_heads=2, mlp_dim=32, image_size=32, patch_size=8)
+TINY = VARIANTS["tiny"].blip.vision
 
 
 @pytest.mark.parametrize(("old", "new"), [(14, 24), (24, 14), (4, 7), (7, 3), (5, 5)])

@@ -1,0 +1,165 @@
+"""The stage table: everything that differs between ContextBLIP's stages, one row per stage.
+
+| stage    | trains                          | data     | loss                                  | scores              |
+|----------|---------------------------------|----------|---------------------------------------|---------------------|
+| pretrain | adapter, TMIM, mask head        | captions | ITM (hard negatives) + TMIM, averaged | (none)              |
+| zeroshot | nothing                         | ImageCoDe| (none)                                | ITM match prob.     |
+| finetune | both BLIP towers, adapter, head | ImageCoDe| candidate CE, summed over descriptions| head logits         |
+| context  | the inter-context encoder       | ImageCoDe| candidate CE, summed over descriptions| context + head      |
+
+The paper's stage 1 is `pretrain`, 2a `finetune` and 2b `context`. Stage 2a trains "the whole model" as the paper
+says, except the parts its logits never use (TMIM, the ITC projections and the ITM head), which stay as stage 1
+left them. Epoch counts are the authors' (their `train_*.sh` scripts). The trainer, the evaluator, `predict` and
+the configs read this table and nothing else about stages: adding a stage means adding a row.
+
+Imports: the model and the losses only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from contextblip_jax import losses
+from contextblip_jax.models.contextblip import ContextBLIP, trainable_filter
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[[ContextBLIP, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+"""`loss(model, batch, key, loss_config) -> (scalar, metrics)`; `loss_config` is the run config's `loss`."""
+ScoreFn = Callable[..., jax.Array]
+"""`score(model, batch, rngs=None) -> [B, candidates]`; the prediction is the argmax; `rngs` enables dropout."""
+
+IMAGECODE_FIELDS = ("images", "input_ids", "attention_mask", "target", "is_video")
+CAPTION_FIELDS = ("images", "input_ids", "attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training or evaluation stage.
+
+    trainable: regular expression over dotted parameter paths (`blip.vision.blocks.0.fc1.kernel`) of what trains
+        by default; the run config's `trainable` overrides it.
+    data: "imagecode" (descriptions x 10 candidates) or "captions" (image-caption pairs, stage 1).
+    batch_fields: the batch entries the loss and the scores consume; nothing else goes to the device.
+    loss: None for a stage that does not train. reduction: how the loss combines examples, hence micro-batches
+        ("sum": summed, as the authors sum the candidate cross-entropy; "mean": averaged).
+    score: None for a stage without candidate scores (stage 1 is not evaluated on ImageCoDe).
+    epochs: the authors' number of epochs.
+    """
+
+    name: str
+    trainable: str
+    data: str
+    batch_fields: tuple[str, ...]
+    loss: LossFn | None
+    reduction: str
+    score: ScoreFn | None
+    epochs: int
+
+    @property
+    def trains(self) -> bool:
+        return self.loss is not None
+
+    @property
+    def evaluates(self) -> bool:
+        return self.score is not None
+
+    def trainable_filter(self, pattern: str = "") -> nnx.filterlib.Filter:
+        """An NNX filter for the parameters that train: `pattern` if given, else the stage's default."""
+        return trainable_filter(pattern or self.trainable)
+
+
+def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any):
+    terms = model.pretrain_losses(
+        batch["images"], batch["input_ids"], batch["attention_mask"], key, config.temperature or None
+    )
+    total = config.itm * terms["itm"] + config.tmim * terms["tmim"]
+    if "mask_prediction" in terms:
+        total = total + config.mask_prediction * terms["mask_prediction"]
+    return total, terms
+
+
+def _zero_shot_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
+    del rngs
+    return model.zero_shot_scores(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+
+def _finetune_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
+    del rngs
+    return model.finetune_logits(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+
+def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["is_video"])
+    return model.context_logits(*args, rngs=rngs)
+
+
+def _candidate_loss(score: ScoreFn) -> LossFn:
+    """Cross-entropy over each description's candidate scores (dropout on), summed over descriptions."""
+
+    def loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any):
+        del config
+        logits = score(model, batch, rngs=nnx.Rngs(dropout=key))
+        correct = (jnp.argmax(logits, axis=-1) == batch["target"]).astype(jnp.float32)
+        return losses.candidate_loss(logits, batch["target"], "sum"), {"accuracy": correct.mean()}
+
+    return loss
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            name="pretrain",
+            trainable=r"^(adapter|tmim|mask_head)\.",
+            data="captions",
+            batch_fields=CAPTION_FIELDS,
+            loss=_pretrain_loss,
+            reduction="mean",
+            score=None,
+            epochs=20,
+        ),
+        Stage(
+            name="zeroshot",
+            trainable=r"(?!)",
+            data="imagecode",
+            batch_fields=IMAGECODE_FIELDS,
+            loss=None,
+            reduction="mean",
+            score=_zero_shot_scores,
+            epochs=0,
+        ),
+        Stage(
+            name="finetune",
+            trainable=r"^(blip\.(vision|text)|adapter|head)\.",
+            data="imagecode",
+            batch_fields=IMAGECODE_FIELDS,
+            loss=_candidate_loss(_finetune_scores),
+            reduction="sum",
+            score=_finetune_scores,
+            epochs=40,
+        ),
+        Stage(
+            name="context",
+            trainable=r"^context\.",
+            data="imagecode",
+            batch_fields=IMAGECODE_FIELDS,
+            loss=_candidate_loss(_context_scores),
+            reduction="sum",
+            score=_context_scores,
+            epochs=20,
+        ),
+    )
+}
+
+
+def get(name: str) -> Stage:
+    """The stage called `name`; an unknown name is an error listing the known ones."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; expected one of {tuple(STAGES)}")
+    return STAGES[name]

@@ -1,0 +1,46 @@
+"""Run configs for trainer tests: the main job's config at the `tiny` variant on a small generated folder.
+
+Tests build configs in-process (`run_config`) and, where a separate process is the point (resume, SIGTERM,
+several processes, 8 simulated devices, the command lines), the equivalent command line (`train_command`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETS = 12
+FAST = {"data.batch_size": 8, "eval.batch_size": 8, "eval_every": 0}
+"""Small batches, and evaluation only at the end (or when a test asks)."""
+
+
+def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`configs/<name>.py:<arg>`, loaded as the `--config` flag loads it."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def run_config(data_root: str, stage: str = "finetune", **overrides: Any) -> ml_collections.ConfigDict:
+    """The main job's config for `stage` at the tiny variant; `overrides` use dotted keys with `__` for dots
+    (`optimizer__lr=1.0`)."""
+    config = config_file("synthetic", f"stage={stage},variant=tiny")
+    values = {"data.root": data_root, "data.synthetic": SETS, **FAST}
+    values.update({key.replace("__", "."): value for key, value in overrides.items()})
+    config.update_from_flattened_dict(values)
+    return config
+
+
+def train_command(workdir: str, data_root: str, *flags: str, stage: str = "finetune") -> list[str]:
+    """The command line of `run_config(data_root, stage)` plus `flags` (`--config.total_steps=3`)."""
+    fast = [f"--config.{key}={value}" for key, value in FAST.items()]
+    return [
+        sys.executable, "-m", "contextblip_jax.train", f"--config=configs/synthetic.py:stage={stage},variant=tiny",
+        f"--workdir={workdir}", f"--config.data.root={data_root}", f"--config.data.synthetic={SETS}", *fast, *flags,
+    ]  # fmt: skip

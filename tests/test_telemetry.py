@@ -1,0 +1,34 @@
+"""What a run reports: metrics.jsonl rows, their truncation on resume, TensorBoard events and the curve."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from contextblip_jax.telemetry import METRICS_FILE, PLOT_FILE, Telemetry, read_metrics
+
+
+def test_rows_truncation_events_and_plot(tmp_path):
+    workdir = str(tmp_path)
+    telemetry = Telemetry(workdir, total_steps=30)
+    for step in (10, 20, 30):
+        telemetry.write({"step": step, "split": "train", "loss": 1.0 / step, "lr": 0.1})
+    telemetry.write({"step": 20, "split": "valid", "acc": 0.5, "acc_video": 0.4, "acc_static": 0.6})
+    telemetry.progress(30, 0.03, 12.5)
+    telemetry.close()
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        lines = f.read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [10, 20, 30, 20]
+    assert all({"step", "split"} <= set(json.loads(line)) for line in lines)
+
+    resumed = Telemetry(workdir, total_steps=30)
+    resumed.truncate_after(20)  # a run resumed from step 20 logs 30 again
+    assert [(r["step"], r["split"]) for r in read_metrics(workdir)] == [(10, "train"), (20, "train"), (20, "valid")]
+    path = resumed.plot()
+    resumed.close()
+    assert path == os.path.join(workdir, PLOT_FILE) and os.path.getsize(path) > 1000
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+def test_missing_file_reads_as_no_rows(tmp_path):
+    assert read_metrics(str(tmp_path)) == []

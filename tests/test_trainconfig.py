@@ -1,0 +1,69 @@
+"""Run configs: one source of defaults, `:key=value` arguments, and checks before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contextblip_jax import trainconfig
+from contextblip_jax.data.augment import AugmentConfig
+from contextblip_jax.data.inputs import data_config
+from contextblip_jax.data.pipeline import DataConfig
+from contextblip_jax.models.config import ContextBLIPConfig
+from tests.runs import config_file
+
+
+def test_sections_are_derived_from_the_dataclasses_that_consume_them():
+    config = trainconfig.base_config()
+    assert data_config(config, train=True) == DataConfig()
+    assert config.data.augment.to_dict() == {f.name: getattr(AugmentConfig(), f.name) for f in
+                                             dataclasses.fields(AugmentConfig)}  # fmt: skip
+    assert trainconfig.model_config(config) == ContextBLIPConfig()
+
+
+def test_optional_fields_can_still_be_set():
+    config = trainconfig.base_config()
+    config.data.num_epochs = 3
+    config.data.vocab = "/path/vocab.txt"
+    assert data_config(config, train=True).num_epochs == 3
+
+
+def test_evaluation_data_has_no_augmentation_and_the_eval_batch():
+    config = config_file("imagecode")
+    evaluation = data_config(config, train=False)
+    assert not evaluation.augment.enabled and evaluation.batch_size == config.eval.batch_size
+    assert data_config(config, train=True).augment.enabled
+
+
+KEYS = st.text(alphabet="abcdefghij_", min_size=1, max_size=8)
+VALUES = st.text(alphabet="abc/=.-0123456789", max_size=8)
+
+
+@given(st.dictionaries(KEYS, VALUES, max_size=4))
+def test_arguments_parse_back(values):
+    defaults = {key: "default" for key in values} | {"stage": "finetune"}
+    arg = ",".join(f"{key}={value}" for key, value in values.items())
+    assert trainconfig.parse_args(arg, **defaults) == {**defaults, **values}
+
+
+def test_unknown_argument_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown config argument\(s\) \['varaint'\]; this config takes"):
+        trainconfig.parse_args("varaint=L/16", stage="finetune", variant="B/16")
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [("stage=warmup", "unknown stage"), ("variant=XL", "unknown model variant 'XL'"), ("stage=pretrain", "pretrain")],
+)
+def test_configs_refuse_what_they_cannot_run(arg, message):
+    with pytest.raises(ValueError, match=message):
+        config_file("imagecode", arg)
+
+
+def test_variants_give_the_configs_their_architectures():
+    assert config_file("imagecode", "variant=L/16").model.blip.vision.width == 1024
+    tiny = config_file("synthetic", "variant=tiny")
+    assert tiny.data.image_size == tiny.model.blip.vision.image_size == 32
