@@ -8,8 +8,8 @@
 | L/16    | 1024 / 24 / 16, 224 px / 16                | 768 / 12             | 522.4M (58.3M)    | BLIP large     |
 
 Parameters count the whole ContextBLIP; TMIM is used in stage 1 only (B/16 without it: 240.0M, the paper's
-≈0.24B). Most parameters of the two small variants sit in the 30,524-word embedding table. Other sizes are a variant plus
-overrides (`dataclasses.replace`, or `--config.model.…` on the command line).
+≈0.24B). Most parameters of the two small variants sit in the 30,524-word embedding table. Other sizes are a
+variant plus overrides (`dataclasses.replace`, or `--config.model.…` on the command line).
 
 Imports: the model configs only.
 """
