@@ -39,7 +39,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 
 class Preempted:
     """Turns SIGTERM into a flag the loop checks between steps, so the step in flight finishes and is saved.
-    Only the main thread may install signal handlers; elsewhere (a test thread) preemption is not watched."""
+
+    With several processes, `jax.distributed` catches SIGTERM itself and its preemption service picks the step at
+    which every process stops and saves (one past the furthest any process had reached), even when only some of
+    them received the signal. Only the main thread may install signal handlers; elsewhere (a test thread)
+    preemption of a single process is not watched."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -51,6 +55,14 @@ class Preempted:
         del signum, frame
         logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
         self.requested = True
+
+    def agreed(self, step: int) -> bool:
+        """Whether to save and stop after `step` (the same answer on every process; call it at every step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self) -> None:
         if self._previous is not None:
@@ -74,6 +86,11 @@ def train(
 
 
 def _train(config, workdir, preempted, coordinator, num_processes, process_id) -> dict:
+    if "://" in workdir:
+        raise ValueError(
+            f"workdir {workdir} is a URL; give a path on storage every host shares (e.g. a bucket mounted with "
+            "gcsfuse at /mnt/BUCKET, or NFS)"
+        )
     stage = trainconfig.check(config)
     if not stage.trains:
         raise ValueError(f"the {stage.name} stage does not train: use python -m contextblip_jax.evaluate")
@@ -180,13 +197,14 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
             telemetry.progress(step, metrics["loss"], rate)
         if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
             evaluate(step, state)
-        if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.requested:
+        stop = preempted.agreed(step)
+        if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
             loss = float(jax.device_get(metrics["loss"]))
             if config.nan_check and not math.isfinite(loss):
                 _stop_on_nan(checkpoints, loss, step, last_good)
             checkpoints.save(step, state, iterator)
             last_good = step
-        if preempted.requested:
+        if stop:
             checkpoints.close()
             telemetry.close()
             logging.info("preempted at step %d: checkpoint saved", step)

@@ -1,4 +1,5 @@
-"""Shared pytest setup: tests import helpers as `tests.<module>`; slow tests are opt-in (`-m slow`).
+"""Shared pytest setup: tests import helpers as `tests.<module>`; slow tests are opt-in (`-m slow`); the trainer
+tests' generated data and their 8-device reference runs.
 
 XLA's persistent compilation cache lives in a fresh folder per session and is inherited by the subprocesses the
 trainer tests start: many tests compile the same tiny programs (parameter initialisers, the same train step), and
@@ -6,11 +7,47 @@ compiling dominates their time on a CPU.
 """
 
 import os
+import subprocess
 import sys
 import tempfile
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="contextblip-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from tests.runs import ROOT, SETS  # after the environment above, which jax reads when it is imported
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+    """A small generated ImageCoDe-layout folder for trainer tests (12 training sets of 48 px images)."""
+    from contextblip_jax.data import synthetic
+
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    synthetic.generate(root, seed=0, num_train_sets=SETS, num_valid_sets=4, num_test_sets=2, image_size=48)
+    return root
+
+
+@pytest.fixture(scope="session")
+def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
+    """One process with 8 simulated CPU devices trains the tiny model on meshes (8,1,1) for 3 steps, (2,4,1) and
+    (2,2,2) for 1 step each, checkpointing every step; {mesh: workdir}. The reference of the sharding, multi-process
+    and SLURM tests."""
+    base = tmp_path_factory.mktemp("eight")
+    meshes = {"(8,1,1)": 3, "(2,4,1)": 1, "(2,2,2)": 1}
+    workdirs = {mesh: str(base / mesh.strip("()").replace(",", "")) for mesh in meshes}
+    script = "from contextblip_jax import train\nfrom tests.runs import run_config\n" + "".join(
+        f"train.train(run_config({data_root!r}, total_steps={steps}, log_every=1, checkpoint_every=1, "
+        f"keep_checkpoints=3, mesh={mesh}), {workdirs[mesh]!r})\n"
+        for mesh, steps in meshes.items()
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdirs

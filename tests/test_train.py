@@ -25,15 +25,6 @@ from tests.runs import ROOT, run_config, train_command
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    from contextblip_jax.data import synthetic
-
-    synthetic.generate(root, seed=0, num_train_sets=12, num_valid_sets=4, num_test_sets=2, image_size=48)
-    return root
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root) -> str:
     """A 2-step fine-tuning run, shared by the tests that only need some checkpoint."""
     workdir = str(tmp_path_factory.mktemp("trained"))
@@ -156,24 +147,6 @@ def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, da
     assert list(board) == list(expected)
     for name, texts in expected.items():
         assert len(board[name]) == len(texts) and all(0 <= i < 10 for i in board[name])
-
-
-@pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
-    """One process with 8 simulated CPU devices trains the tiny model on meshes (8,1,1) for 3 steps, (2,4,1) and
-    (2,2,2) for 1 step each, checkpointing every step; {mesh: workdir}."""
-    base = tmp_path_factory.mktemp("eight")
-    meshes = {"(8,1,1)": 3, "(2,4,1)": 1, "(2,2,2)": 1}
-    workdirs = {mesh: str(base / mesh.strip("()").replace(",", "")) for mesh in meshes}
-    script = "from contextblip_jax import train\nfrom tests.runs import run_config\n" + "".join(
-        f"train.train(run_config({data_root!r}, total_steps={steps}, log_every=1, checkpoint_every=1, "
-        f"keep_checkpoints=3, mesh={mesh}), {workdirs[mesh]!r})\n"
-        for mesh, steps in meshes.items()
-    )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = run([sys.executable, "-c", script], env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdirs
 
 
 def step_one_params(workdir: str) -> dict[str, np.ndarray]:

@@ -1,0 +1,89 @@
+"""The SLURM launcher on a real single-node cluster: 2 tasks x 4 CPU devices reproduce the 1-process 8-device
+losses, and a job cancelled mid-run resumes from its checkpoint when submitted again."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import pytest
+
+from contextblip_jax.telemetry import read_metrics
+from tests.launch.local_slurm import LocalSlurm, Unavailable
+from tests.runs import FAST, ROOT, SETS
+
+SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    slurm = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        slurm.start()
+    except Unavailable as error:
+        slurm.stop()
+        pytest.skip(f"no local SLURM cluster: {error}")
+    yield slurm
+    slurm.stop()
+
+
+def trainer_flags(workdir, data_root: str, *extra: str) -> list[str]:
+    fast = [f"--config.{key}={value}" for key, value in FAST.items()]
+    return [
+        "--config=configs/synthetic.py:variant=tiny", f"--workdir={workdir}", f"--config.data.root={data_root}",
+        f"--config.data.synthetic={SETS}", "--config.mesh=(8,1,1)", "--config.log_every=1", *fast, *extra,
+    ]  # fmt: skip
+
+
+def submit(cluster: LocalSlurm, output: str, flags: list[str]) -> int:
+    return cluster.submit(
+        "--ntasks=2", "--cpus-per-task=1", f"--output={output}", SBATCH, *flags,
+        env={"CPU_DEVICES": "4", "PYTHON": sys.executable}, cwd=ROOT,
+    )  # fmt: skip
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
+
+
+def test_two_tasks_match_one_process_with_eight_devices(cluster, tmp_path, data_root, eight_devices):
+    output = str(tmp_path / "job.out")
+    job = submit(cluster, output, trainer_flags(tmp_path / "w", data_root, "--config.total_steps=3"))
+    cluster.wait_until_done(job, timeout=900)
+    log = read(output)
+    assert "2 tasks" in log, log[-3000:]
+    expected, got = losses(eight_devices["(8,1,1)"]), losses(tmp_path / "w")
+    assert sorted(got) == [1, 2, 3], log[-3000:]
+    for step in (1, 2, 3):
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
+
+
+def test_cancelled_job_resumes_from_its_checkpoint(cluster, tmp_path, data_root):
+    workdir, first = tmp_path / "w", str(tmp_path / "first.out")
+    long_run = ("--config.total_steps=100000", "--config.checkpoint_every=100000")
+    job = submit(cluster, first, trainer_flags(workdir, data_root, *long_run))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(losses(workdir)) < 3:
+        assert cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), read(first)[-3000:]
+        time.sleep(1)
+    assert cluster.run("scancel", str(job)).returncode == 0
+    cluster.wait_until_done(job, timeout=300)
+    log = read(first)
+    stopped = [int(s) for s in re.findall(r'"preempted_at": (\d+)', log)]
+    assert len(stopped) == 1, log[-3000:]  # process 0's summary; a step the tasks disagreed on would hang them
+    step = stopped[0]
+    assert sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()) == [step]
+
+    second = str(tmp_path / "second.out")
+    job = submit(cluster, second, trainer_flags(workdir, data_root, f"--config.total_steps={step + 2}"))
+    cluster.wait_until_done(job, timeout=900)
+    log = read(second)
+    assert f"resumed from step {step}" in log, log[-3000:]
+    assert sorted(losses(workdir)) == list(range(1, step + 3))
