@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_
 _TEXT = flags.DEFINE_string("text", None, "The description.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of candidate images (imgX.jpg).")
 _STAGE = flags.DEFINE_enum(
-    "stage", "context", [name for name, stage in stages.STAGES.items() if stage.evaluates], "Which scores to rank by."
+    "stage", "context", [name for name, row in stages.STAGES.items() if row.evaluates], "Which scores to rank by."
 )
 _MAX_LENGTH = flags.DEFINE_integer(
     "max_length", None, "Tokens of the description (default: 64, or fewer if the model has fewer positions)."

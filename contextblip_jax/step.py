@@ -1,4 +1,4 @@
-"""The pure train and evaluation steps of any stage in `stages.py`. The model is split into a graph (static) and
+"""The pure train and evaluation steps of every stage of `stages.py`. The model is split into a graph (static) and
 flat parameter dicts outside jit; inside, `merge` rebuilds it. Trainable and frozen parameters are separate dicts,
 so the optimizer state covers only what trains and frozen weights cannot change by construction.
 
