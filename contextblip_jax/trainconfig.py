@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.data = dataclass_section(DataConfig())  # DataConfig fields (data/pipeline.py), augment: AugmentConfig
-    c.data.synthetic = 0  # generate this many training sets under data.root when it holds none (main job)
+    c.data.synthetic = 0  # main job: generate this many training sets (and a fifth as many valid/test) under data.root
+    c.data.synthetic_seed = 0  # the generator's seed (data.seed drives shuffling and augmentation only)
     c.eval = ml_collections.ConfigDict(
         dict(
             splits=("valid",),  # ImageCoDe splits evaluated during training

@@ -21,7 +21,6 @@ import grain
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from contextblip_jax.data import imagecode, synthetic
 from contextblip_jax.data.pipeline import (
@@ -33,7 +32,7 @@ from contextblip_jax.data.pipeline import (
 )
 from contextblip_jax.stages import Stage
 
-RUN_ONLY_KEYS = ("synthetic",)
+RUN_ONLY_KEYS = ("synthetic", "synthetic_seed")
 """`config.data` keys that are not `DataConfig` fields: they steer the run (data generation), not the pipeline."""
 
 SYNTHETIC_CAPTIONS = "captions.json"
@@ -84,28 +83,28 @@ class _Select(grain.transforms.Map):
 
 
 def ensure_synthetic_data(config: ml_collections.ConfigDict) -> None:
-    """Generates the ImageCoDe-layout data of the CPU main job when `data.synthetic` asks and it is absent,
-    plus a BLIP-format caption file of its training targets for stage 1. Process 0 writes; the others wait."""
+    """Generates the ImageCoDe-layout data of the CPU main job when `data.synthetic` asks and the folder does not
+    already hold exactly that data (`synthetic.ensure` checks its manifest), plus a BLIP-format caption file of its
+    training targets for stage 1. Process 0 writes; the others wait."""
     root = config.data.root
-    if not config.data.synthetic or os.path.exists(os.path.join(root, SYNTHETIC_CAPTIONS)):
+    if not config.data.synthetic:
         return
     if jax.process_index() == 0:
-        if not os.path.exists(imagecode.split_path(root, "train")):
-            sets = config.data.synthetic
-            counts = synthetic.generate(
-                root,
-                seed=config.data.seed,
-                num_train_sets=sets,
-                num_valid_sets=max(sets // 5, 1),
-                num_test_sets=max(sets // 5, 1),
-            )
-            logging.info("generated synthetic ImageCoDe data in %s: %s", root, counts)
-        captions = [
-            {"image": os.path.relpath(example.image_paths[example.target], root), "caption": example.description}
-            for example in imagecode.read_split(root, "train")
-        ]
-        with open(os.path.join(root, SYNTHETIC_CAPTIONS), "w") as f:
-            json.dump(captions, f, indent=1)
+        sets = config.data.synthetic
+        generated = synthetic.ensure(
+            root,
+            seed=config.data.synthetic_seed,
+            num_train_sets=sets,
+            num_valid_sets=max(sets // 5, 1),
+            num_test_sets=max(sets // 5, 1),
+        )
+        if generated or not os.path.exists(os.path.join(root, SYNTHETIC_CAPTIONS)):
+            captions = [
+                {"image": os.path.relpath(example.image_paths[example.target], root), "caption": example.description}
+                for example in imagecode.read_split(root, "train")
+            ]
+            with open(os.path.join(root, SYNTHETIC_CAPTIONS), "w") as f:
+                json.dump(captions, f, indent=1)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -1,135 +1,135 @@
 """Generated IRCD data in the exact ImageCoDe layout: the data of the CPU main job and of the tests.
 
-    python -m contextblip_jax.data.synthetic --root=PATH [--seed=0 --train_sets=400 --valid_sets=100 ...]
+    python -m contextblip_jax.data.synthetic --root=PATH [--seed=0 --kinds=attributes:0.3,motion:0.7 ...]
 
-Each set holds 10 small JPEGs of coloured shapes on a plain background, and each description names the
-attributes that single out its target among the 10, in ordinary words ("two blue triangles on the left").
+Each set holds 10 small JPEGs of coloured shapes on a plain background; `scenes.py` defines the scene kinds
+(`attributes`, `relation`: static; `motion`, `timeline`: video) and what a description means. Every description
+is checked on the scene records to be true of its target and of no other image in the set.
 
-- Static sets (`open-images-<n>_<hex>`, files img0..img9): 10 different (colour, shape, position) combinations
-  with the same count; the description names colour, shape and position.
-- Video-like sets (`MSR-VTT-`, `video-storytelling-`, `YouCook-` prefixes): one colour and shape for the whole
-  clip; frame by frame the count or the position changes by one step, so the 10 frames are distinct states of a
-  smooth "video". Frames are saved under non-contiguous frame numbers (img31, img38, img50, ...), so the target
-  is the k-th frame in sorted order and not img{k}.jpg, exactly as in ImageCoDe.
+Static sets are named `open-images-<n>_<hex>` with files img0..img9; video sets carry a video prefix and
+non-contiguous frame numbers (img31, img38, img50, ...), so the target is the k-th frame in sorted order and
+not img{k}.jpg, exactly as in ImageCoDe. At the default 64 px (48 px at least) the shapes can be read back from
+the pixels exactly; JPEGs are written without chroma subsampling so that colours do not bleed between shapes.
 
-The cues (colour, shape, left/middle/right, one to four objects) are large and clean, so a small model learns
-them on a CPU in minutes; mirror symmetry of the shapes keeps a text-aware flip (left ↔ right) truthful.
-At the default 64 px (48 px at least) the attributes can be read back from the pixels exactly (see the tests);
-JPEGs are written without chroma subsampling so that colours do not bleed between neighbouring shapes.
-Everything is drawn from one `np.random.Generator(seed)`: the same seed writes the same bytes.
+Each set draws from its own generator, `np.random.default_rng([seed, set number])`, and its pixels from
+another (`[seed, set number, 1]`): the same arguments write the same bytes, and `sample_sets` gives the scene
+records without rendering anything. `ensure` caches a folder behind a manifest (`synthetic.json`: generator
+version and arguments), so that a folder written by another version or with other arguments is never reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from absl import logging
 
-from contextblip_jax.data import imagecode
+from contextblip_jax.data import imagecode, scenes
 
-COLOURS = {
-    "red": (215, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 215),
-    "yellow": (230, 200, 40),
-    "purple": (135, 55, 175),
-    "orange": (240, 135, 30),
-}
-SHAPES = ("circle", "square", "triangle")
-POSITIONS = ("left", "middle", "right")
-COUNTS = ("one", "two", "three", "four")
+COLOURS, SHAPES, POSITIONS, COUNTS, KINDS = scenes.COLOURS, scenes.SHAPES, scenes.POSITIONS, scenes.COUNTS, scenes.KINDS
+"""The vocabulary of the descriptions, for readers of the generated data."""
+VERSION = 2
+"""Bumped whenever the same arguments would write different data."""
+MANIFEST = "synthetic.json"
+DEFAULT_KINDS = {"attributes": 0.3, "motion": 0.7}
 VIDEO_PREFIXES = ("MSR-VTT-", "video-storytelling-", "YouCook-")
-_POSITION_X = {"left": 0.2, "middle": 0.5, "right": 0.8}
-_POSITION_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-_TEMPLATES = (
-    "{count} {colour} {shapes} {pos}",
-    "there {be} {count} {colour} {shapes} {pos} of the picture",
-    "the picture shows {count} {colour} {shapes} {pos}",
-    "{count} {colour} {shapes} can be seen {pos} and nothing else",
-    "in this image {count} {colour} {shapes} {be} {pos}",
-)
-
-Scene = tuple[str, str, str, int]  # colour, shape, position, count
+SPLITS = ("train", "valid", "test")
 
 
-def describe(scene: Scene, template: int = 0) -> str:
-    colour, shape, position, count = scene
-    return _TEMPLATES[template].format(
-        count=COUNTS[count - 1],
-        colour=colour,
-        shapes=shape if count == 1 else shape + "s",
-        pos=_POSITION_PHRASE[position],
-        be="is" if count == 1 else "are",
-    )
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """One set's records: its scenes in frame order, frame numbers, and descriptions by target position."""
+
+    name: str
+    kind: str
+    split: str
+    scenes: list[scenes.Scene]
+    frames: list[int]
+    descriptions: dict[int, str]
 
 
-def render(scene: Scene, size: int, background: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
-    """The scene's objects stacked in a column at the left, middle or right third, moved by a pixel or two.
-
-    Sizes keep four objects apart by at least 0.06 of the side, so they never touch, even after JPEG.
-    """
-    colour, shape, position, count = scene
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    radius = 0.07 * size
-    x = _POSITION_X[position] * size + rng.uniform(-0.03, 0.03) * size
-    shift = rng.uniform(-0.02, 0.02) * size
-    for i in range(count):
-        y = (i + 1) / (count + 1) * size + shift
-        box = (x - radius, y - radius, x + radius, y + radius)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS[colour])
-        else:
-            draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=COLOURS[colour])
-    return image
-
-
-def _static_scenes(rng: np.random.Generator) -> list[Scene]:
-    count = int(rng.integers(1, 3))
-    combos = [(c, s, p, count) for c in COLOURS for s in SHAPES for p in POSITIONS]
-    return [combos[i] for i in rng.choice(len(combos), imagecode.NUM_CANDIDATES, replace=False)]
-
-
-def _video_scenes(rng: np.random.Generator) -> list[Scene]:
-    """A window of 10 consecutive states on a snake path over (count, position): one step per frame."""
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    path = []
-    for count in range(1, len(COUNTS) + 1):
-        row = POSITIONS if count % 2 else POSITIONS[::-1]
-        path += [(colour, shape, position, count) for position in row]
-    if rng.random() < 0.5:
-        path.reverse()
-    start = int(rng.integers(len(path) - imagecode.NUM_CANDIDATES + 1))
-    return path[start : start + imagecode.NUM_CANDIDATES]
+def parse_kinds(spec: str | Mapping[str, float]) -> dict[str, float]:
+    """`"attributes:0.3,motion:0.7"` (or a mapping) -> normalised weights; unknown kinds are an error."""
+    weights = dict(spec) if isinstance(spec, Mapping) else {}
+    if isinstance(spec, str):
+        for item in filter(None, spec.split(",")):
+            name, _, weight = item.partition(":")
+            weights[name.strip()] = float(weight or 1)
+    unknown = sorted(set(weights) - set(KINDS))
+    if unknown or not weights or min(weights.values()) < 0 or not sum(weights.values()):
+        raise ValueError(f"kinds {spec!r}: expected positive weights over {KINDS}")
+    total = sum(weights.values())
+    return {name: weights[name] / total for name in KINDS if weights.get(name)}
 
 
 def _frame_numbers(rng: np.random.Generator) -> list[int]:
-    gaps = rng.integers(2, 15, size=imagecode.NUM_CANDIDATES - 1)
+    gaps = rng.integers(2, 15, size=scenes.NUM_FRAMES - 1)
     start = int(rng.integers(0, 300))
     return [start, *(start + np.cumsum(gaps)).tolist()]
 
 
-def _write_set(
-    root: str, name: str, scenes: Sequence[Scene], frames: Sequence[int], size: int, rng: np.random.Generator
-) -> None:
-    folder = imagecode.set_dir(root, name)
+def _descriptions(kind: str, frames: list[scenes.Scene], rng: np.random.Generator) -> dict[int, str]:
+    """1-3 targets, each with a query true of it and of no other frame."""
+    unique = {}
+    for index in range(len(frames)):
+        queries = [
+            q
+            for q in scenes.true_queries(kind, frames, index)
+            if not any(scenes.holds(q, frames, j) for j in range(len(frames)) if j != index)
+        ]
+        if queries:
+            unique[index] = queries
+    targets = sorted(unique)
+    chosen = rng.choice(len(targets), min(int(rng.integers(1, 4)), len(targets)), replace=False)
+    result = {}
+    for i in chosen.tolist():
+        queries = unique[targets[i]]
+        result[targets[i]] = scenes.text(queries[rng.integers(len(queries))], rng)
+    return result
+
+
+def sample_sets(
+    seed: int = 0,
+    num_train_sets: int = 400,
+    num_valid_sets: int = 100,
+    num_test_sets: int = 100,
+    kinds: str | Mapping[str, float] = "",
+) -> Iterator[ImageSet]:
+    """Every set's records, in split order, without rendering (what `generate` writes)."""
+    weights = parse_kinds(kinds or DEFAULT_KINDS)
+    names, probabilities = list(weights), list(weights.values())
+    number = 0
+    for split, num_sets in zip(SPLITS, (num_train_sets, num_valid_sets, num_test_sets), strict=True):
+        for _ in range(num_sets):
+            number += 1
+            rng = np.random.default_rng([seed, number])
+            kind = names[rng.choice(len(names), p=probabilities)]
+            frames = scenes.SAMPLERS[kind](rng)
+            if kind in scenes.VIDEO_KINDS:
+                name = f"{VIDEO_PREFIXES[number % len(VIDEO_PREFIXES)]}synthetic{number:05d}"
+                numbers = _frame_numbers(rng)
+            else:
+                name = f"{imagecode.STATIC_MARKER}-{number}_{rng.bytes(8).hex()}"
+                numbers = list(range(scenes.NUM_FRAMES))
+            yield ImageSet(name, kind, split, frames, numbers, _descriptions(kind, frames, rng))
+
+
+def _write_set(root: str, image_set: ImageSet, size: int, rng: np.random.Generator) -> None:
+    folder = imagecode.set_dir(root, image_set.name)
     os.makedirs(folder)
     background = tuple(int(v) for v in rng.integers(200, 246, size=3))
-    for scene, frame in zip(scenes, frames, strict=True):
-        render(scene, size, background, rng).save(os.path.join(folder, f"img{frame}.jpg"), quality=95, subsampling=0)
+    for things, frame in zip(image_set.scenes, image_set.frames, strict=True):
+        image = scenes.render(things, size, background, rng)
+        image.save(os.path.join(folder, f"img{frame}.jpg"), quality=95, subsampling=0)
 
 
 def _clear(root: str, overwrite: bool) -> None:
-    existing = [
-        p for p in [*imagecode.SPLIT_FILES.values(), imagecode.IMAGE_DIR] if os.path.exists(os.path.join(root, p))
-    ]
+    owned = [*imagecode.SPLIT_FILES.values(), imagecode.IMAGE_DIR, MANIFEST]
+    existing = [p for p in owned if os.path.exists(os.path.join(root, p))]
     if existing and not overwrite:
         raise FileExistsError(f"{root} already holds {existing}; pass overwrite=True (--overwrite) to replace them")
     for name in existing:
@@ -147,37 +147,63 @@ def generate(
     num_valid_sets: int = 100,
     num_test_sets: int = 100,
     image_size: int = 64,
-    video_fraction: float = 0.7,
+    kinds: str | Mapping[str, float] = "",
     overwrite: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Writes the three split files and image-sets/ under `root`; returns the counts the doctor should print."""
     os.makedirs(root, exist_ok=True)
     _clear(root, overwrite)
-    rng = np.random.default_rng(seed)
-    counts = {}
-    number = 0
-    for split, num_sets in (("train", num_train_sets), ("valid", num_valid_sets), ("test", num_test_sets)):
-        annotations: dict[str, object] = {}
-        split_counts = {"sets": num_sets, "descriptions": 0, "video_descriptions": 0, "static_descriptions": 0}
-        for _ in range(num_sets):
-            number += 1
-            video = rng.random() < video_fraction
-            if video:
-                prefix = VIDEO_PREFIXES[number % len(VIDEO_PREFIXES)]
-                name, scenes, frames = f"{prefix}synthetic{number:05d}", _video_scenes(rng), _frame_numbers(rng)
-            else:
-                name = f"{imagecode.STATIC_MARKER}-{number}_{rng.bytes(8).hex()}"
-                scenes, frames = _static_scenes(rng), list(range(imagecode.NUM_CANDIDATES))
-            _write_set(root, name, scenes, frames, image_size, rng)
-            targets = rng.choice(imagecode.NUM_CANDIDATES, int(rng.integers(1, 4)), replace=False).tolist()
-            texts = {t: describe(scenes[t], int(rng.integers(len(_TEMPLATES)))) for t in targets}
-            annotations[name] = list(texts.values()) if split == "test" else {str(t): d for t, d in texts.items()}
-            split_counts["descriptions"] += len(targets)
-            split_counts["video_descriptions" if video else "static_descriptions"] += len(targets)
+    annotations: dict[str, dict[str, object]] = {split: {} for split in SPLITS}
+    fields = ("sets", "descriptions", "video_descriptions", "static_descriptions")
+    counts = {split: dict.fromkeys(fields, 0) for split in SPLITS}
+    sets = sample_sets(seed, num_train_sets, num_valid_sets, num_test_sets, kinds)
+    for number, image_set in enumerate(sets, start=1):
+        _write_set(root, image_set, image_size, np.random.default_rng([seed, number, 1]))
+        texts = image_set.descriptions
+        entry = list(texts.values()) if image_set.split == "test" else {str(t): d for t, d in texts.items()}
+        annotations[image_set.split][image_set.name] = entry
+        split_counts = counts[image_set.split]
+        split_counts["sets"] += 1
+        split_counts["descriptions"] += len(texts)
+        video = image_set.kind in scenes.VIDEO_KINDS
+        split_counts["video_descriptions" if video else "static_descriptions"] += len(texts)
+    for split in SPLITS:
         with open(imagecode.split_path(root, split), "w", encoding="utf-8") as f:
-            json.dump(annotations, f, indent=1)
-        counts[split] = split_counts
+            json.dump(annotations[split], f, indent=1)
     return counts
+
+
+def manifest(**arguments: object) -> dict[str, object]:
+    """What identifies a generated folder: the generator version and every argument of `generate`."""
+    values = {"seed": 0, "num_train_sets": 400, "num_valid_sets": 100, "num_test_sets": 100, "image_size": 64}
+    values.update(arguments)
+    values["kinds"] = parse_kinds(values.get("kinds") or DEFAULT_KINDS)
+    return {"generator": __name__, "version": VERSION, **values}
+
+
+def ensure(root: str, **arguments: object) -> bool:
+    """Generates the folder unless it holds data from these very arguments and this generator version; returns
+    whether it generated. A folder with other arguments or another version (its manifest says so) is replaced;
+    a folder with data but no manifest was not written by `ensure` and is an error, never overwritten."""
+    wanted = manifest(**arguments)
+    path = os.path.join(root, MANIFEST)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        if found == wanted:
+            return False
+        changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+        logging.warning("%s was generated with other settings (%s); generating it again", root, ", ".join(changed))
+    elif os.path.exists(imagecode.split_path(root, "train")):
+        raise FileExistsError(
+            f"{root} holds ImageCoDe data without a {MANIFEST} manifest (an older generator, or data not generated "
+            "here): delete it, or point data.root elsewhere (data.synthetic=0 uses a folder as it is)"
+        )
+    counts = generate(root, overwrite=True, **arguments)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(wanted, f, indent=1)
+    logging.info("generated synthetic ImageCoDe data in %s: %s", root, counts)
+    return True
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -191,7 +217,7 @@ def _main(argv: Sequence[str]) -> None:
         num_valid_sets=_VALID.value,
         num_test_sets=_TEST.value,
         image_size=_SIZE.value,
-        video_fraction=_VIDEO.value,
+        kinds=_KINDS.value,
         overwrite=_OVERWRITE.value,
     )
     print(json.dumps({"root": _ROOT.value, "splits": counts}, indent=2))
@@ -206,6 +232,8 @@ if __name__ == "__main__":
     _VALID = flags.DEFINE_integer("valid_sets", 100, "Image sets in valid_data.json.")
     _TEST = flags.DEFINE_integer("test_sets", 100, "Image sets in test_data_unlabeled.json.")
     _SIZE = flags.DEFINE_integer("image_size", 64, "Side of the square JPEGs, in pixels.")
-    _VIDEO = flags.DEFINE_float("video_fraction", 0.7, "Fraction of video-like sets (ImageCoDe: about 0.75).")
+    _KINDS = flags.DEFINE_string(
+        "kinds", "attributes:0.3,motion:0.7", f"Scene kinds and their shares, from {', '.join(KINDS)}."
+    )
     _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the split files and image-sets/ if present.")
     app.run(_main)

@@ -6,6 +6,7 @@ import filecmp
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,3 +130,136 @@ def test_cli_writes_and_reports_counts(tmp_path):
     summary = json.loads(result.stdout)
     assert {split: c["sets"] for split, c in summary["splits"].items()} == {"train": 2, "valid": 1, "test": 1}
     assert len(imagecode.read_split(root, "train")) == summary["splits"]["train"]["descriptions"]
+
+
+ALL_KINDS = "attributes:1,motion:1,relation:1,timeline:1"
+_RELATION = re.compile(
+    r"^(?:the|a|an|there is a|there is an) (\w+) (\w+) (?:is )?(to the left of|to the right of|above|below) "
+    r"(?:the|a|an) (\w+) (\w+)$"
+)
+_MOMENTS = [
+    (re.compile(r"^(?:just after|the moment) the (\w+) (\w+) (\w+) (?:appears|shows up)$"), "appears"),
+    (re.compile(r"^(?:just before|the frame right before) the (\w+) (\w+) (\w+) appears$"), "before"),
+    (re.compile(r"^(?:just after|right after) the (\w+) (\w+) (?:disappears|is gone)$"), "gone"),
+    (re.compile(r"^the last (?:frame where there (?:is|are)|moment with) (\w+) (\w+) (\w+)$"), "last"),
+]
+_ORDINALS = ("first", "second", "third", "fourth")
+
+
+def frames_described(description: str, scenes: list) -> set[int]:
+    """The frames of a set that a description is true of, decided from the scene records and the words alone."""
+    if relation := _RELATION.match(description):
+        colour_a, shape_a, phrase, colour_b, shape_b = relation.groups()
+
+        def true_of(scene) -> bool:
+            for a, b in itertools.permutations(scene, 2):
+                if (a.colour, a.shape, b.colour, b.shape) != (colour_a, shape_a, colour_b, shape_b):
+                    continue
+                if phrase in ("to the left of", "to the right of"):
+                    if (a.column - b.column) * (1 if phrase == "to the right of" else -1) > 0:
+                        return True
+                elif a.column == b.column and (a.y - b.y) * (1 if phrase == "below" else -1) > 0:
+                    return True
+            return False
+
+        return {i for i, scene in enumerate(scenes) if true_of(scene)}
+    for pattern, moment in _MOMENTS:
+        if match := pattern.match(description):
+            *number, colour, shape = match.groups()
+            shape = shape.removesuffix("s")
+            n = [sum((t.colour, t.shape) == (colour, shape) for t in scene) for scene in scenes]
+            k = (
+                (_ORDINALS if moment in ("appears", "before") else synthetic.COUNTS).index(number[0]) + 1
+                if number
+                else 0
+            )
+            frames = range(len(scenes))
+            if moment == "appears":
+                return {i for i in frames if i and n[i - 1] == k - 1 and n[i] == k}
+            if moment == "before":
+                return {i for i in frames if i + 1 < len(n) and n[i] == k - 1 and n[i + 1] == k}
+            if moment == "gone":
+                return {i for i in frames if i and n[i - 1] and not n[i]}
+            return {max(i for i in frames if n[i] == k)}
+    colour, shape, position, count = parse(description)
+    wanted = [(colour, shape, synthetic.POSITIONS.index(position))] * count
+    return {i for i, scene in enumerate(scenes) if [(t.colour, t.shape, t.column) for t in scene] == wanted}
+
+
+def test_every_kind_singles_out_its_target_on_the_records():
+    sets = list(synthetic.sample_sets(seed=2, num_train_sets=120, num_valid_sets=0, num_test_sets=0, kinds=ALL_KINDS))
+    assert {s.kind for s in sets} == set(synthetic.KINDS)
+    for image_set in sets:
+        assert len(set(image_set.scenes)) == 10 and 1 <= len(image_set.descriptions) <= 3
+        for target, description in image_set.descriptions.items():
+            assert frames_described(description, image_set.scenes) == {target}, (image_set, description)
+        if image_set.kind == "timeline":  # one shape appears or disappears per frame
+            for a, b in itertools.pairwise(image_set.scenes):
+                assert len(set(a) ^ set(b)) == 1
+        if image_set.kind == "relation":
+            assert all(len(scene) == 2 for scene in image_set.scenes)
+
+
+def see_things(path: str) -> list[tuple[str, str, str]]:
+    """(colour, shape, position) of every shape in an image, read from the pixels alone, sorted."""
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int32)
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    labels, n = ndimage.label(np.abs(pixels - background).max(-1) > 60)
+    things = []
+    for k in range(1, n + 1):
+        blob = labels == k
+        if blob.sum() < 10:
+            continue
+        mean = pixels[blob].mean(0)
+        colour = min(synthetic.COLOURS, key=lambda c: np.abs(np.array(synthetic.COLOURS[c]) - mean).sum())
+        ys, xs = np.nonzero(blob)
+        fill = blob.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
+        things.append((colour, shape, synthetic.POSITIONS[min(int(3 * xs.mean() / pixels.shape[1]), 2)]))
+    return sorted(things)
+
+
+def test_written_sets_are_the_sampled_records_and_show_them(tmp_path):
+    root = str(tmp_path)
+    arguments = {"seed": 4, "num_train_sets": 8, "num_valid_sets": 4, "num_test_sets": 2, "kinds": ALL_KINDS}
+    synthetic.generate(root, image_size=64, **arguments)
+    records = {s.name: s for s in synthetic.sample_sets(**arguments)}
+    for split in imagecode.SPLIT_FILES:
+        examples = imagecode.read_split(root, split)
+        assert {e.set_name for e in examples} == {s.name for s in records.values() if s.split == split}
+        for example in examples:
+            image_set = records[example.set_name]
+            assert example.description in image_set.descriptions.values()
+            if split != "test":
+                assert image_set.descriptions[example.target] == example.description
+            numbers = [imagecode.frame_number(os.path.basename(p)) for p in example.image_paths]
+            assert numbers == image_set.frames and example.is_video == (image_set.kind in ("motion", "timeline"))
+            for path, scene in zip(example.image_paths, image_set.scenes, strict=True):
+                shown = sorted((t.colour, t.shape, synthetic.POSITIONS[t.column]) for t in scene)
+                assert see_things(path) == shown, (path, scene)
+
+
+def test_kinds_are_checked():
+    assert synthetic.parse_kinds("relation:1,timeline:3") == {"relation": 0.25, "timeline": 0.75}
+    with pytest.raises(ValueError, match="kinds"):
+        synthetic.parse_kinds("attributes:1,colours:1")
+
+
+def test_ensure_reuses_only_the_same_generator_and_arguments(tmp_path):
+    root = str(tmp_path / "cache")
+    small = {"num_train_sets": 2, "num_valid_sets": 1, "num_test_sets": 1, "image_size": 16}
+    assert synthetic.ensure(root, seed=1, **small)
+    with open(os.path.join(root, synthetic.MANIFEST)) as f:
+        assert json.load(f)["version"] == synthetic.VERSION
+    assert not synthetic.ensure(root, seed=1, **small)
+    first = imagecode.read_split(root, "train")
+    assert synthetic.ensure(root, seed=2, **small)  # other settings: regenerated, not reused
+    assert [e.description for e in imagecode.read_split(root, "train")] != [e.description for e in first]
+    with open(os.path.join(root, synthetic.MANIFEST)) as f:
+        stale = {**json.load(f), "version": synthetic.VERSION - 1}
+    with open(os.path.join(root, synthetic.MANIFEST), "w") as f:
+        json.dump(stale, f)
+    assert synthetic.ensure(root, seed=2, **small)  # another generator version: regenerated
+    os.remove(os.path.join(root, synthetic.MANIFEST))
+    with pytest.raises(FileExistsError, match="manifest"):
+        synthetic.ensure(root, seed=2, **small)

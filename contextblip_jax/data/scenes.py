@@ -1,0 +1,288 @@
+"""What the generated image sets show: scene records, the four scene kinds, and what a description means.
+
+A scene is a tuple of `Thing`s (colour, shape, column, height), so a description's truth is decided on the
+records, never on pixels. Each kind draws the 10 scenes of a set and lists the queries true of one of them;
+`synthetic.py` keeps a query for a target only when `holds` is true of the target and of no other scene in
+the set, then words it with `text`.
+
+| kind         | set    | the 10 images                                         | descriptions need                 |
+|--------------|--------|-------------------------------------------------------|-----------------------------------|
+| `attributes` | static | a column of 1-2 equal shapes; 10 distinct (colour,    | colour, shape, count, position    |
+|              |        | shape, position) combinations                         | ("two blue triangles on the left") |
+| `motion`     | video  | one step per frame of a snake over (count, position), | count and position                |
+|              |        | one colour and shape for the whole clip               |                                   |
+| `relation`   | static | two shapes; the others swap or rearrange them, or     | colour, shape, relative position  |
+|              |        | recolour or reshape one                               | ("the red square to the left of   |
+|              |        |                                                       | the blue circle")                 |
+| `timeline`   | video  | shapes of two kinds appear and disappear, one change  | the moment in time ("just after   |
+|              |        | per frame, no state seen twice                        | the second red square appears")   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 215),
+    "yellow": (230, 200, 40),
+    "purple": (135, 55, 175),
+    "orange": (240, 135, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "middle", "right")
+COUNTS = ("one", "two", "three", "four")
+ORDINALS = ("first", "second", "third", "fourth")
+RELATIONS = ("left of", "right of", "above", "below")
+KINDS = ("attributes", "motion", "relation", "timeline")
+VIDEO_KINDS = ("motion", "timeline")
+NUM_FRAMES = 10
+_COLUMN_X = (0.2, 0.5, 0.8)
+_POSITION_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+_RELATION_PHRASE = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+_SLOTS = [(column, y) for column in range(3) for y in (0.25, 0.5, 0.75)]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Thing:
+    """One drawn shape: `column` 0/1/2 is left/middle/right, `y` its centre's height (fraction, 0 = top)."""
+
+    colour: str
+    shape: str
+    column: int
+    y: float
+
+
+Scene = tuple[Thing, ...]  # sorted, so that equal scenes compare equal
+Query = tuple  # (name, *arguments); see `holds`
+
+
+def scene(things: list[Thing]) -> Scene:
+    return tuple(sorted(things))
+
+
+def group(colour: str, shape: str, column: int, count: int) -> Scene:
+    """`count` equal shapes stacked evenly in one column."""
+    return scene([Thing(colour, shape, column, (i + 1) / (count + 1)) for i in range(count)])
+
+
+def render(things: Scene, size: int, background: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
+    """Shapes of radius 0.07·size; each column moved sideways and the whole scene vertically by a pixel or two.
+    Shapes are mirror-symmetric, so a text-aware flip (left ↔ right) stays truthful."""
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    radius = 0.07 * size
+    jitter = rng.uniform(-0.03, 0.03, size=3) * size
+    shift = rng.uniform(-0.02, 0.02) * size
+    for thing in things:
+        x = _COLUMN_X[thing.column] * size + jitter[thing.column]
+        y = thing.y * size + shift
+        box = (x - radius, y - radius, x + radius, y + radius)
+        fill = COLOURS[thing.colour]
+        if thing.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif thing.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill)
+    return image
+
+
+def count(things: Scene, colour: str, shape: str) -> int:
+    return sum(t.colour == colour and t.shape == shape for t in things)
+
+
+def _related(a: Thing, relation: str, b: Thing) -> bool:
+    if relation in ("left of", "right of"):
+        return a.column < b.column if relation == "left of" else a.column > b.column
+    return a.column == b.column and (a.y < b.y if relation == "above" else a.y > b.y)
+
+
+def holds(query: Query, scenes: list[Scene], index: int) -> bool:
+    """Whether `query` is true of frame `index` of the set (temporal queries look at its neighbours)."""
+    name, *args = query
+    here = scenes[index]
+    if name == "group":  # exactly `count` colour shapes in that column and nothing else
+        return here == group(*args)
+    if name == "relation":
+        (colour_a, shape_a), relation, (colour_b, shape_b) = args
+        pairs = ((a, b) for a in here for b in here if a is not b)
+        return any(
+            (a.colour, a.shape, b.colour, b.shape) == (colour_a, shape_a, colour_b, shape_b)
+            and _related(a, relation, b)
+            for a, b in pairs
+        )
+    colour, shape, k = args
+    counts = [count(s, colour, shape) for s in scenes]
+    if name == "appears":  # the k-th one is there now and was not in the frame before
+        return index > 0 and counts[index - 1] == k - 1 and counts[index] == k
+    if name == "before_appears":
+        return index + 1 < len(scenes) and counts[index] == k - 1 and counts[index + 1] == k
+    if name == "disappears":  # the last one is gone now
+        return index > 0 and counts[index - 1] == 1 and counts[index] == 0
+    if name == "last_with":
+        return counts[index] == k and all(c != k for c in counts[index + 1 :])
+    raise ValueError(f"unknown query {name!r}")
+
+
+def text(query: Query, rng: np.random.Generator) -> str:
+    """The query in one of a few ordinary wordings."""
+    name, *args = query
+    if name == "group":
+        colour, shape, column, n = args
+        words = dict(n=COUNTS[n - 1], c=colour, s=shape if n == 1 else shape + "s", be="is" if n == 1 else "are")
+        words["p"] = _POSITION_PHRASE[POSITIONS[column]]
+        templates = (
+            "{n} {c} {s} {p}",
+            "there {be} {n} {c} {s} {p} of the picture",
+            "the picture shows {n} {c} {s} {p}",
+            "{n} {c} {s} can be seen {p} and nothing else",
+            "in this image {n} {c} {s} {be} {p}",
+        )
+    elif name == "relation":
+        (colour_a, shape_a), relation, (colour_b, shape_b) = args
+        words = dict(a=f"{colour_a} {shape_a}", r=_RELATION_PHRASE[relation], b=f"{colour_b} {shape_b}")
+        templates = ("the {a} {r} the {b}", "{an_a} is {r} {an_b}", "there is {an_a} {r} the {b}")
+        words.update(an_a=_indefinite(words["a"]), an_b=_indefinite(words["b"]))
+    else:
+        colour, shape, k = args
+        words = dict(o=ORDINALS[k - 1] if k else "", c=colour, s=shape, n=COUNTS[k - 1] if k else "")
+        words.update(ss=shape if k == 1 else shape + "s", be="is" if k == 1 else "are")
+        templates = {
+            "appears": ("just after the {o} {c} {s} appears", "the moment the {o} {c} {s} shows up"),
+            "before_appears": ("just before the {o} {c} {s} appears", "the frame right before the {o} {c} {s} appears"),
+            "disappears": ("just after the {c} {s} disappears", "right after the {c} {s} is gone"),
+            "last_with": ("the last frame where there {be} {n} {c} {ss}", "the last moment with {n} {c} {ss}"),
+        }[name]
+    return templates[int(rng.integers(len(templates)))].format(**words)
+
+
+def _indefinite(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _types(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    combos = [(c, s) for c in COLOURS for s in SHAPES]
+    return [combos[i] for i in rng.choice(len(combos), n, replace=False)]
+
+
+def attributes(rng: np.random.Generator) -> list[Scene]:
+    n = int(rng.integers(1, 3))
+    combos = [(c, s, p) for c in COLOURS for s in SHAPES for p in range(3)]
+    return [group(*combos[i], n) for i in rng.choice(len(combos), NUM_FRAMES, replace=False)]
+
+
+def motion(rng: np.random.Generator) -> list[Scene]:
+    """A window of 10 consecutive states on a snake path over (count, position): one step per frame."""
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    path = []
+    for n in range(1, len(COUNTS) + 1):
+        row = range(3) if n % 2 else range(2, -1, -1)
+        path += [group(colour, shape, column, n) for column in row]
+    if rng.random() < 0.5:
+        path.reverse()
+    start = int(rng.integers(len(path) - NUM_FRAMES + 1))
+    return path[start : start + NUM_FRAMES]
+
+
+def _pair(a: tuple[str, str], b: tuple[str, str], relation: str, column: int, other: int) -> Scene:
+    """`a` and `b` placed so that `a relation b` holds: side by side in two columns, or stacked in one."""
+    if relation in ("left of", "right of"):
+        left, right = sorted((column, other))
+        ca, cb = (left, right) if relation == "left of" else (right, left)
+        return scene([Thing(*a, ca, 0.5), Thing(*b, cb, 0.5)])
+    ya, yb = (1 / 3, 2 / 3) if relation == "above" else (2 / 3, 1 / 3)
+    return scene([Thing(*a, column, ya), Thing(*b, column, yb)])
+
+
+def relation(rng: np.random.Generator) -> list[Scene]:
+    """A target pair and hard negatives: the pair swapped or rearranged, one shape recoloured or reshaped."""
+    a, b = _types(rng, 2)
+    wanted = ("relation", a, RELATIONS[rng.integers(4)], b)
+
+    def draw(x: tuple[str, str], y: tuple[str, str]) -> Scene:
+        column, other = rng.choice(3, 2, replace=False)
+        return _pair(x, y, RELATIONS[rng.integers(4)], int(column), int(other))
+
+    def variant(x: tuple[str, str]) -> tuple[str, str]:
+        if rng.random() < 0.5:
+            return list(COLOURS)[rng.integers(len(COLOURS))], x[1]
+        return x[0], SHAPES[rng.integers(len(SHAPES))]
+
+    column, other = map(int, rng.choice(3, 2, replace=False))
+    target = _pair(a, b, wanted[2], column, other)
+    scenes = [target]
+    makers: list[Callable[[], Scene]] = [
+        lambda: draw(a, b),
+        lambda: draw(b, a),
+        lambda: draw(variant(a), b),
+        lambda: draw(a, variant(b)),
+        lambda: draw(*_types(rng, 2)),
+    ]
+    while len(scenes) < NUM_FRAMES:
+        candidate = makers[rng.integers(len(makers))]()
+        distinct = len({(t.colour, t.shape) for t in candidate}) == 2
+        if distinct and candidate not in scenes and not holds(wanted, [candidate], 0):
+            scenes.append(candidate)
+    rng.shuffle(scenes)
+    return scenes
+
+
+def timeline(rng: np.random.Generator) -> list[Scene]:
+    """Shapes of two kinds in a 3×3 grid; each frame one appears or disappears; no state repeats."""
+    kinds = _types(rng, 2)
+    while True:
+        state: dict[tuple[int, float], tuple[str, str]] = {}
+        for slot in rng.choice(len(_SLOTS), int(rng.integers(0, 3)), replace=False):
+            state[_SLOTS[slot]] = kinds[rng.integers(2)]
+        frames = [_state_scene(state)]
+        while len(frames) < NUM_FRAMES:
+            if not state or (len(state) < 5 and rng.random() < 0.65):
+                free = [s for s in _SLOTS if s not in state]
+                state[free[rng.integers(len(free))]] = kinds[rng.integers(2)]
+            else:
+                del state[list(state)[rng.integers(len(state))]]
+            frames.append(_state_scene(state))
+        if len(set(frames)) == NUM_FRAMES:
+            return frames
+
+
+def _state_scene(state: dict[tuple[int, float], tuple[str, str]]) -> Scene:
+    return scene([Thing(colour, shape, column, y) for (column, y), (colour, shape) in state.items()])
+
+
+def true_queries(kind: str, scenes: list[Scene], index: int) -> list[Query]:
+    """Every query of the kind's vocabulary that is true of frame `index` (unique or not)."""
+    here = scenes[index]
+    if kind in ("attributes", "motion"):
+        first = here[0]
+        return [("group", first.colour, first.shape, first.column, len(here))]
+    if kind == "relation":
+        return [
+            ("relation", (a.colour, a.shape), r, (b.colour, b.shape))
+            for a in here
+            for b in here
+            for r in RELATIONS
+            if a is not b and _related(a, r, b)
+        ]
+    types = sorted({(t.colour, t.shape) for s in scenes for t in s})
+    found = []
+    for colour, shape in types:
+        found += [("appears", colour, shape, k) for k in range(1, 5)]
+        found += [("before_appears", colour, shape, k) for k in range(1, 5)]
+        found += [("disappears", colour, shape, 0), *(("last_with", colour, shape, k) for k in range(1, 5))]
+    return [q for q in found if holds(q, scenes, index)]
+
+
+SAMPLERS: dict[str, Callable[[np.random.Generator], list[Scene]]] = {
+    "attributes": attributes,
+    "motion": motion,
+    "relation": relation,
+    "timeline": timeline,
+}
