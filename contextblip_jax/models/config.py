@@ -12,6 +12,8 @@ from typing import Any
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
 """Activation names the towers accept; `gelu` is the exact (erf) GELU both BLIP sources use."""
+INITS = ("bert", "fan_in")
+"""Kernel initialisations a ContextBLIP config may name (`ContextBLIPConfig.init`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,13 +194,30 @@ class ContextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The scoring head of stages 2a and 2b: `Linear(width -> 1)` on the L2-normalised ITM first token."""
+
+    logit_scale: float = 0.0
+    """0: the authors' head. s > 0: the logits are multiplied by a learned `exp(t)`, `t` starting at `log(s)`
+    (CLIP's learnable temperature). A head reading unit vectors through N(0, 0.02) weights starts with logits
+    that barely differ between 10 near-identical candidates; trained from scratch, the candidates' features then
+    collapse onto one another before they learn anything (see configs/synthetic.py). Checkpoints hold no scale:
+    converting one with s > 0 starts the scale fresh at s."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ContextBLIPConfig:
     blip: BlipConfig = dataclasses.field(default_factory=BlipConfig)
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     tmim: TMIMConfig = dataclasses.field(default_factory=TMIMConfig)
     context: ContextConfig = dataclasses.field(default_factory=ContextConfig)
+    head: HeadConfig = dataclasses.field(default_factory=HeadConfig)
     cls_token_id: int = 101
     """`[CLS]`: the ITC pass uses it where the ITM pass has `[ENC]` (hard-negative similarities)."""
+    init: str = "bert"
+    """Fresh dense and convolution kernels: `bert` N(0, 0.02), BLIP's; `fan_in` U(±1/sqrt(fan_in)), PyTorch's
+    default (`layers.redraw_fan_in`), for models trained from scratch at small widths. Converted weights replace
+    whatever was drawn, so it only matters for the parts a checkpoint lacks."""
 
     def validate(self) -> None:
         self.blip.validate()
@@ -214,6 +233,10 @@ class ContextBLIPConfig:
             raise ValueError(f"tmim.mask_rate {self.tmim.mask_rate} must lie strictly between 0 and 1")
         _check_heads("tmim decoder", self.blip.vision.width, self.tmim.decoder_heads)
         _check_heads("context", self.blip.text.width, self.context.num_heads)
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} is not one of {INITS}")
+        if self.head.logit_scale < 0:
+            raise ValueError(f"head.logit_scale {self.head.logit_scale} must be 0 (no scale) or positive")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,8 +250,8 @@ class ContextBLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextBLIPConfig:
-        sections = {"adapter": AdapterConfig, "tmim": TMIMConfig, "context": ContextConfig}
-        unknown = sorted(set(data) - {"blip", "cls_token_id", *sections})
+        sections = {"adapter": AdapterConfig, "tmim": TMIMConfig, "context": ContextConfig, "head": HeadConfig}
+        unknown = sorted(set(data) - {"blip", "cls_token_id", "init", *sections})
         for name, section in sections.items():
             unknown += [f"{name}.{k}" for k in sorted(set(data.get(name, {})) - _field_names(section))]
         if unknown:
@@ -243,6 +266,7 @@ class ContextBLIPConfig:
         return cls(
             blip=BlipConfig.from_dict(data.get("blip", {})),
             cls_token_id=data.get("cls_token_id", cls.cls_token_id),
+            init=data.get("init", cls.init),
             **parts,
         )
 

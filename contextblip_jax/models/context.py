@@ -8,6 +8,8 @@ order); static sets get none, which keeps the encoder permutation-equivariant on
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,13 +20,21 @@ from contextblip_jax.models.text import TextLayer
 
 
 class ScoringHead(nnx.Module):
-    """Linear(width -> 1) on an L2-normalised multimodal vector: one logit per candidate."""
+    """Linear(width -> 1) on an L2-normalised multimodal vector: one logit per candidate.
 
-    def __init__(self, width: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    With `logit_scale` s > 0 the logits are multiplied by `exp(log_scale)`, a learned scalar starting at log(s)
+    (see `HeadConfig`); s = 0 is the authors' head, with no such parameter.
+    """
+
+    def __init__(self, width: int, *, logit_scale: float = 0.0, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.proj = Dense((width,), (1,), ("embed", None), dtype=dtype, rngs=rngs)
+        self.log_scale = (
+            sharded_param(rngs, nnx.initializers.constant(math.log(logit_scale)), (), ()) if logit_scale else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj(x)[..., 0].astype(jnp.float32)
+        logits = self.proj(x)[..., 0].astype(jnp.float32)
+        return logits if self.log_scale is None else logits * jnp.exp(self.log_scale[...])
 
 
 class InterContextEncoder(nnx.Module):

@@ -25,7 +25,7 @@ from contextblip_jax.models.adapter import MultiLevelAdapter
 from contextblip_jax.models.blip import BlipRetrieval, l2_normalize
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.context import InterContextEncoder, ScoringHead
-from contextblip_jax.models.layers import Dense, dotted_path
+from contextblip_jax.models.layers import Dense, dotted_path, redraw_fan_in
 from contextblip_jax.models.text import TextOutput
 from contextblip_jax.models.tmim import (
     TMIMDecoder,
@@ -78,8 +78,10 @@ class ContextBLIP(nnx.Module):
             if config.tmim.mask_prediction
             else None
         )
-        self.head = ScoringHead(text.width, dtype=dtype, rngs=rngs)
+        self.head = ScoringHead(text.width, logit_scale=config.head.logit_scale, dtype=dtype, rngs=rngs)
         self.context = InterContextEncoder(config.context, text.width, dtype=dtype, rngs=rngs)
+        if config.init == "fan_in":
+            redraw_fan_in(self, rngs)
 
     # -- shared passes ---------------------------------------------------------------------------------------
 

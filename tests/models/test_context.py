@@ -1,11 +1,15 @@
-"""The inter-context encoder: equivariant on static sets, order-aware on video sets."""
+"""The inter-context encoder: equivariant on static sets, order-aware on video sets; the scoring head's scale."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from contextblip_jax.models.blip import l2_normalize
+from contextblip_jax.models.config import HeadConfig
 from contextblip_jax.models.contextblip import ContextBLIP
 from tests.tiny import tiny_contextblip
 
@@ -49,3 +53,24 @@ def test_dropout_only_with_rngs():
     b = model.context(x, video, rngs=nnx.Rngs(dropout=1))
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, model.context(x, video, rngs=nnx.Rngs(dropout=0)))
+
+
+def test_logit_scale_is_off_by_default_and_a_learned_multiplier_when_set():
+    images, ids, mask = inputs()
+    plain = ContextBLIP(tiny_contextblip(), rngs=nnx.Rngs(0))
+    assert plain.head.log_scale is None
+    assert not any("log_scale" in str(path) for path, _ in nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    scaled = ContextBLIP(tiny_contextblip(head=HeadConfig(logit_scale=10.0)), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        scaled.finetune_logits(images, ids, mask), 10 * plain.finetune_logits(images, ids, mask), rtol=1e-5
+    )
+    targets = jnp.array([3, 7])
+
+    def loss(head):
+        logits = head(l2_normalize(scaled._candidates(images, ids, mask)))
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1).sum()
+
+    grads = nnx.grad(loss)(scaled.head)
+    assert float(jnp.abs(grads.log_scale[...])) > 0
+    with pytest.raises(ValueError, match="logit_scale"):
+        tiny_contextblip(head=HeadConfig(logit_scale=-1.0)).validate()

@@ -14,6 +14,7 @@ from contextblip_jax import losses, stages
 from contextblip_jax.data.preprocess import BlipTokenizer, normalize_image
 from contextblip_jax.models.config import TMIMConfig
 from contextblip_jax.models.contextblip import ContextBLIP, dotted_path, set_remat
+from contextblip_jax.models.layers import Dense
 from contextblip_jax.trainconfig import base_config
 from tests.tiny import tiny_contextblip
 
@@ -164,3 +165,24 @@ def test_remat_changes_memory_policy_not_numbers():
 
 def flat_params_of_state(state) -> dict[str, np.ndarray]:
     return {dotted_path(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(state)}
+
+
+def test_fan_in_init_redraws_every_kernel_within_pytorch_bounds_and_nothing_else():
+    model = ContextBLIP(tiny_contextblip(init="fan_in"), rngs=nnx.Rngs(0))
+    bert, fan_in = flat_params(ContextBLIP(tiny_contextblip(), rngs=nnx.Rngs(0))), flat_params(model)
+    redrawn = set()
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Dense | nnx.Conv):
+            kernel = np.asarray(node.kernel[...])
+            fan = np.prod(node.in_shape) if isinstance(node, Dense) else np.prod(kernel.shape[:-1])
+            assert np.abs(kernel).max() <= 1 / np.sqrt(fan), path
+            if kernel.size >= 1000:  # U(-b, b) has standard deviation b / sqrt(3)
+                assert abs(kernel.std() * np.sqrt(3 * fan) - 1) < 0.1, path
+            redrawn.add(dotted_path((*path, "kernel")))
+    assert redrawn == {name for name in bert if name.endswith("kernel")}
+    for name in bert.keys() - redrawn:  # biases, LayerNorms, embeddings, tokens: as BLIP initialises them
+        np.testing.assert_array_equal(fan_in[name], bert[name], err_msg=name)
+    again = flat_params(ContextBLIP(tiny_contextblip(init="fan_in"), rngs=nnx.Rngs(0)))
+    assert all(np.array_equal(again[name], fan_in[name]) for name in fan_in)
+    with pytest.raises(ValueError, match="init"):
+        tiny_contextblip(init="xavier").validate()
