@@ -4,7 +4,9 @@ authors' values: `configs/pretrain.yaml` for stage 1, `finetune_notf.py` for 2a,
 Parameters live in flat `{dotted.path: array}` dicts, so parameter groups are regular expressions over the
 keys: `head_pattern` selects a second group with its own peak rate (2a: 1e-4 for the head, 2e-6 elsewhere).
 `adam` adds the weight decay to the gradient before Adam, as `torch.optim.Adam(weight_decay=...)` in the
-authors' code; `adamw` decouples it, as BLIP's pre-training does.
+authors' code; `adamw` decouples it, as BLIP's pre-training does. `clip_norm` > 0 first scales the whole
+gradient down to that global norm: one spike (100x the usual norm) otherwise drives Adam's next dozen steps
+the same way at full rate and inflates its second moment for a hundred more.
 
 Imports: optax only.
 """
@@ -69,10 +71,11 @@ def build_optimizer(config: Any, params: Mapping[str, Any], steps_per_epoch: int
     if config.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {config.name!r}")
     labels = group_labels(params, config.head_pattern)
-    return optax.multi_transform(
+    tx = optax.multi_transform(
         {"base": _one(config, config.lr, steps_per_epoch), "head": _one(config, config.head_lr, steps_per_epoch)},
         labels,
     )
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), tx) if config.clip_norm else tx
 
 
 def learning_rates(config: Any, steps_per_epoch: int, step: int) -> dict[str, float]:

@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
             decay_per_epoch=0.95,  # rate × decay_per_epoch at every epoch boundary
             steps_per_epoch=0,  # 0: the training examples per epoch / data.batch_size
             min_lr=0.0,  # floor of the decayed rate
+            clip_norm=0.0,  # scale the gradient down to this global norm before the optimizer (0: off)
         )
     )
     c.loss = ml_collections.ConfigDict(
