@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import checkpoint, optim, parallel, trainconfig, weights
+from contextblip_jax import checkpoint, hostmem, optim, parallel, trainconfig, weights
 from contextblip_jax.data import inputs
 from contextblip_jax.data.pipeline import make_global_batch
 from contextblip_jax.evaluators import build_evaluators
@@ -229,6 +229,7 @@ def _stop_on_nan(checkpoints: checkpoint.RunCheckpoints, loss: float, step: int,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    hostmem.keep_freed_memory()
     try:
         result = train(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
