@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Axes = tuple[str | None, ...]
@@ -105,15 +106,19 @@ def redraw_fan_in(module: nnx.Module, rngs: nnx.Rngs) -> None:
     at width 128 it keeps a quarter (0.23), so a model built small from scratch starts with branches that barely
     reach the residual stream (the ITM pass sees the image through two such kernels). U(±1/sqrt(fan_in)) keeps
     0.58 at every width."""
+    kernels = []
     for _, node in nnx.iter_graph(module):
         if isinstance(node, Dense):
-            kernel, fan_in = node.kernel, math.prod(node.in_shape)
+            kernels.append((node.kernel, math.prod(node.in_shape)))
         elif isinstance(node, nnx.Conv):
-            kernel, fan_in = node.kernel, math.prod(node.kernel.shape[:-1])
-        else:
-            continue
-        bound = 1 / math.sqrt(fan_in)
-        kernel[...] = jax.random.uniform(rngs.params(), kernel.shape, jnp.float32, -bound, bound)
+            kernels.append((node.kernel, math.prod(node.kernel.shape[:-1])))
+    # One draw for all kernels, scaled on the host: a draw per kernel shape would compile one program per shape.
+    unit = np.asarray(jax.random.uniform(rngs.params(), (sum(k.size for k, _ in kernels),), jnp.float32, -1, 1))
+    offset = 0
+    for kernel, fan_in in kernels:
+        values = unit[offset : offset + kernel.size].reshape(kernel.shape) / np.float32(math.sqrt(fan_in))
+        kernel[...] = jnp.asarray(values)
+        offset += kernel.size
 
 
 def layer_norm(width: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
