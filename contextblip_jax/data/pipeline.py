@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from contextblip_jax.data import captions, imagecode, records, transforms
+from contextblip_jax.data import captions, imagecode, transforms
 from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.errors import check_on_error
 
@@ -131,12 +131,16 @@ def host_shard(shard_index: int | None = None, shard_count: int | None = None) -
 def imagecode_source(config: DataConfig, split: str):
     """The grain source of a split: the folder itself or the built array_record files (identical elements)."""
     if config.source == "tfds":
+        from contextblip_jax.data import records  # TFDS is imported only by runs that read records (seconds)
+
         return records.ImageCodeRecords(config.tfds_dir, split)
     return imagecode.ImageCodeSource(config.root, split, config.on_error)
 
 
 def caption_source(config: DataConfig):
     if config.source == "tfds":
+        from contextblip_jax.data import records
+
         return records.CaptionRecords(config.tfds_dir, "train")
     return captions.CaptionSource(config.annotations, config.root, config.on_error)
 

@@ -1,0 +1,94 @@
+"""What the benchmark needs to know about the machine: its name, its peak arithmetic rate, its peak memory.
+
+MFU (model FLOPs utilisation) is achieved FLOP/s over the device's peak. Accelerators are measured against their
+vendor's dense peak for the dtype (the table below); a CPU has no such figure that holds across processors, so
+its peak is measured in the same run: the best of several large matrix products.
+
+Imports: JAX only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+SPEC_PEAK_TFLOPS: dict[tuple[str, str], float] = {
+    ("H100", "bfloat16"): 989.4,
+    ("H100", "float32"): 494.7,
+    ("H200", "bfloat16"): 989.4,
+    ("H200", "float32"): 494.7,
+    ("A100", "bfloat16"): 312.0,
+    ("A100", "float32"): 156.0,
+    ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v5 lite", "bfloat16"): 197.0,
+    ("TPU v5p", "bfloat16"): 459.0,
+    ("TPU v6 lite", "bfloat16"): 918.0,
+}
+"""Dense peak TFLOP/s per chip by (device-kind substring, compute dtype), from the vendors' data sheets (SXM parts
+for NVIDIA). float32 on NVIDIA is the TF32 tensor-core rate: XLA's default matmul precision uses TF32 there."""
+
+
+def device_name() -> str:
+    """`Nx <device kind> (<platform>); host <processor> x<threads>`."""
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    host = platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models:
+            host = f"{models[0]} x{len(models)} threads"
+    return f"{jax.device_count()}x {kind} ({device.platform}); host {host}"
+
+
+def spec_peak_tflops(dtype: str) -> float | None:
+    """The data-sheet peak of the first device for `dtype`, or None where the table has no row."""
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    for (name, row_dtype), peak in SPEC_PEAK_TFLOPS.items():
+        if name in kind and (row_dtype == dtype or name.startswith("TPU")):
+            return peak
+    return None
+
+
+def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
+    """The best rate of a `size`^3 matrix product on the first device: a CPU's practical peak."""
+    a = jnp.ones((size, size), dtype)
+    product = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(product(a))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a))
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e12
+
+
+def peak_tflops(dtype: str) -> tuple[float, str]:
+    """(peak TFLOP/s, where it comes from): the data sheet on accelerators, a measured matmul on CPUs."""
+    spec = spec_peak_tflops(dtype)
+    if spec is not None:
+        return spec, "data sheet"
+    return measured_matmul_tflops(dtype), "measured 2048^3 matmul"
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """(bytes, what they count): the device allocator's peak where it keeps one, else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS"
+
+
+def spread(times: list[float]) -> dict[str, float]:
+    """Median, min and max of a list of seconds, rounded for a JSON line."""
+    return {
+        "median": round(statistics.median(times), 5),
+        "min": round(min(times), 5),
+        "max": round(max(times), 5),
+    }
