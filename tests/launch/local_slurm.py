@@ -1,6 +1,9 @@
 """A real single-node SLURM cluster on localhost for tests: its own munge socket, configuration, state and logs
 in one folder, daemons started in the foreground and stopped by the PIDs this object started.
 
+`gpus=N` gives the node N GPUs as generic resources backed by empty files: SLURM schedules and binds them like
+real ones, so GPU requests (`--gpus-per-node`) are checked against a node, though nothing can compute on them.
+
 Needs Debian's `slurmctld slurmd slurm-client munge` (`.ci/run` installs them) and root (the daemons switch
 users). `start()` raises `Unavailable` with the reason when the cluster cannot come up.
 """
@@ -27,9 +30,10 @@ def _free_port() -> int:
 
 
 class LocalSlurm:
-    def __init__(self, folder: str, cpus: int = 8):
+    def __init__(self, folder: str, cpus: int = 8, gpus: int = 0):
         self.folder = folder
         self.cpus = cpus
+        self.gpus = gpus
         self.host = socket.gethostname().split(".")[0]
         self.processes: list[subprocess.Popen] = []
         self.conf = os.path.join(folder, "slurm.conf")
@@ -149,8 +153,17 @@ class LocalSlurm:
             "KillWait": 60,
         }
         lines = [f"{key}={value}" for key, value in settings.items()]
+        gres = ""
+        if self.gpus:
+            devices = [os.path.join(f, f"fake-gpu{i}") for i in range(self.gpus)]
+            for device in devices:
+                open(device, "w").close()
+            with open(os.path.join(f, "gres.conf"), "w") as out:  # read from slurm.conf's folder
+                out.writelines(f"NodeName={self.host} Name=gpu File={device}\n" for device in devices)
+            lines.append("GresTypes=gpu")
+            gres = f" Gres=gpu:{self.gpus}"
         lines += [
-            f"NodeName={self.host} CPUs={self.cpus} State=UNKNOWN",
+            f"NodeName={self.host} CPUs={self.cpus}{gres} State=UNKNOWN",
             f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
         ]
         with open(self.conf, "w") as out:

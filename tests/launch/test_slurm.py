@@ -1,10 +1,13 @@
 """The SLURM launcher on a real single-node cluster: 2 tasks x 4 CPU devices reproduce the 1-process 8-device
-losses, and a job cancelled mid-run resumes from its checkpoint when submitted again."""
+losses, a job cancelled mid-run resumes from its checkpoint when submitted again, and every `sbatch` line of the
+README is accepted by the scheduler (the node has 8 placeholder GPUs)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import subprocess
 import sys
 import time
 
@@ -19,7 +22,7 @@ SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    slurm = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
+    slurm = LocalSlurm(str(tmp_path_factory.mktemp("slurm")), gpus=8)
     try:
         slurm.start()
     except Unavailable as error:
@@ -87,3 +90,35 @@ def test_cancelled_job_resumes_from_its_checkpoint(cluster, tmp_path, data_root)
     log = read(second)
     assert f"resumed from step {step}" in log, log[-3000:]
     assert sorted(losses(workdir)) == list(range(1, step + 3))
+
+
+def readme_sbatch_commands() -> list[tuple[dict[str, str], list[str]]]:
+    """(environment, sbatch arguments) of every README line that runs sbatch, `VAR=value` prefixes included."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        lines = f.read().replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        if re.match(r"\s*(\w+=\S+\s+)*sbatch\s", line):
+            words = shlex.split(line.split("#")[0])
+            at = words.index("sbatch")
+            commands.append((dict(word.split("=", 1) for word in words[:at]), words[at + 1 :]))
+    return commands
+
+
+def test_every_readme_sbatch_line_is_accepted(cluster):
+    """`sbatch --test-only` parses the options and the script's own `#SBATCH` lines and asks the scheduler whether
+    the request fits, without running anything. The local cluster has one node, so `--nodes` becomes 1: what is
+    checked is each option and the per-node request (tasks, GPUs) against a node with 8 GPUs."""
+    commands = readme_sbatch_commands()
+    assert len(commands) >= 3, commands
+    for env, arguments in commands:
+        arguments = [re.sub(r"^--nodes=\d+$", "--nodes=1", word) for word in arguments if word != "..."]
+        result = subprocess.run(
+            ["sbatch", "--test-only", *arguments], env={**cluster.env, **env}, cwd=ROOT, capture_output=True,
+            text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0 and "to start at" in result.stderr, (arguments, result.stderr)
+    too_big = subprocess.run(
+        ["sbatch", "--test-only", "--gpus-per-node=9", SBATCH], env=cluster.env, capture_output=True, text=True
+    )
+    assert too_big.returncode != 0 and "not available" in too_big.stderr  # the check can fail
