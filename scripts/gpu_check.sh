@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared check for a lent NVIDIA GPU (one call, under 8 minutes): the project's own jitted steps at the base
 # preset (ViT-B/16, 224 px, 10 candidates, 64 tokens) in bfloat16, each with XLA's FLOP count, MFU against the
-# data-sheet peak, the compiler's memory estimate and the allocator's real peak; then the model and conversion
-# tests on the GPU in float32 at full matmul precision (numerical parity with the PyTorch towers).
+# data-sheet peak, the compiler's memory estimate and the allocator's real peak, stage 2a and zero-shot scoring
+# beside PyTorch (autocast bf16, eager and torch.compile); then the model and conversion tests on the GPU in
+# float32 at full matmul precision (numerical parity with the PyTorch towers).
 #
 #   bash scripts/gpu_check.sh            # JSON lines to $OUT/gpu.jsonl (OUT defaults to ./gpu_out)
 #
@@ -14,6 +15,7 @@ out=${OUT:-gpu_out}
 mkdir -p "$out"
 deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-420}))
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # PyTorch shares the GPU in the comparisons
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -d .whl ]; then
@@ -39,12 +41,11 @@ bench() {
     return
   fi
   echo "== benchmark $*"
-  timeout 180 python3 -m contextblip_jax.benchmark --preset=base --dtype=bfloat16 "$@" 2>"$out/last_stderr.txt" |
+  timeout 300 python3 -m contextblip_jax.benchmark --preset=base --dtype=bfloat16 "$@" 2>"$out/last_stderr.txt" |
     tee -a "$out/gpu.jsonl" || tail -20 "$out/last_stderr.txt"
 }
-bench --measure=train --stage=finetune --descriptions=16 --runs=15
-bench --measure=eval --stage=zeroshot --descriptions=16 --runs=15
-bench --measure=train --stage=finetune --descriptions=2 --runs=15
+bench --measure=train --stage=finetune --descriptions=16 --runs=15 --compare=torch,torch_compile
+bench --measure=eval --stage=zeroshot --descriptions=16 --runs=15 --compare=torch,torch_compile
 bench --measure=train --stage=context --descriptions=16 --runs=15
 bench --measure=train --stage=pretrain --descriptions=128 --runs=15
 

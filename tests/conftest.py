@@ -1,6 +1,10 @@
 """Shared pytest setup: tests import helpers as `tests.<module>`; slow tests are opt-in (`-m slow`); the trainer
 tests' generated data and their 8-device reference runs.
 
+The suite runs on two pytest-xdist workers (`-n 2` in pyproject.toml): most tests spend their time in XLA's
+compiler, which uses one core. Tests that share the costly `eight_devices` runs, and the SLURM tests (one local
+cluster), are kept on one worker (`xdist_group`), so that each is built once.
+
 XLA's persistent compilation cache lives in a fresh folder per session and is inherited by the subprocesses the
 trainer tests start: many tests compile the same tiny programs (parameter initialisers, the same train step), and
 compiling dominates their time on a CPU.
@@ -20,6 +24,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cont
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from tests.runs import ROOT, SETS  # after the environment above, which jax reads when it is imported
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "eight_devices" in getattr(item, "fixturenames", ()) or "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("eight_devices"))
 
 
 @pytest.fixture(scope="session")

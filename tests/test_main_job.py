@@ -1,5 +1,5 @@
 """The README's main job learns: two seeds of the CPU recipe (configs/synthetic.py), shortened, both well above
-chance (0.1). Slow: a few minutes per seed on 2 cores; `python -m pytest -q -m slow -s tests/test_main_job.py`."""
+chance (0.1). Slow: a few minutes per seed on 2 cores; `python -m pytest -q -n 0 -m slow -s tests/test_main_job.py`."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ def benchmark(*flags: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def check_row(row: dict, measure: str, stage: str, images: int) -> None:
+def check_row(row: dict, measure: str, stage: str, images: int, framework: str = "jax") -> None:
     assert set(FIELDS) <= set(row)
-    assert (row["framework"], row["measure"], row["stage"], row["descriptions"]) == ("jax", measure, stage, 3)
+    assert (row["framework"], row["measure"], row["stage"], row["descriptions"]) == (framework, measure, stage, 3)
     step = row["step_s"]
     assert 0 < step["min"] <= step["median"] <= step["max"]
     assert row["images_per_s"] == pytest.approx(images / step["median"], rel=1e-3)
@@ -46,6 +46,14 @@ def test_train_row_holds_consistent_figures_and_counts_the_steps_own_flops():
 def test_eval_row_holds_consistent_figures():
     (row,) = benchmark("--measure=eval", "--stage=zeroshot", "--descriptions=3")
     check_row(row, "eval", "zeroshot", images=30)
+
+
+def test_compare_gives_a_torch_row_with_the_same_work():
+    jax_row, torch_row = benchmark("--measure=eval", "--stage=zeroshot", "--descriptions=3", "--compare=torch")
+    check_row(torch_row, "eval", "zeroshot", images=30, framework="torch")
+    assert torch_row["difference_vs_jax"] <= 1e-4
+    assert torch_row["flops_per_step"] == jax_row["flops_per_step"]
+    assert jax_row["ratio_vs_torch"] == pytest.approx(jax_row["images_per_s"] / torch_row["images_per_s"], rel=1e-2)
 
 
 def test_a_stage_that_does_not_train_is_refused():

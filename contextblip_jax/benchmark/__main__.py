@@ -1,0 +1,173 @@
+"""`python -m contextblip_jax.benchmark`: throughput of the project's own jitted steps, one JSON object per line.
+
+    python -m contextblip_jax.benchmark --measure=train --stage=finetune --preset=base --descriptions=2 \
+        --compare=torch,torch_compile
+    python -m contextblip_jax.benchmark --measure=eval --stage=zeroshot --preset=base --compare=torch
+    python -m contextblip_jax.benchmark --measure=adapter --preset=base
+
+Measurements:
+- `train`: one optimizer step of `--stage` (forward, backward and the update of the stage's trainable parameters),
+  built by `step.make_train_step`, the function the trainer runs, with the stage's optimizer defaults.
+- `eval`: the stage's candidate scores for `--descriptions` x `--candidates` images (`step.make_predict_step`).
+- `adapter`: zero-shot scoring with the adapter and without it (plain BLIP on the same inputs), and the overhead.
+
+`--compare=torch,torch_compile` adds the same computation in PyTorch (`torch_steps.py`; stage 2a training and
+zero-shot scoring), eager and under `torch.compile`, holding the JAX model's weights and fed the same batch.
+Before anything is timed, the first loss (train) or scores (eval) of each side must agree with JAX's within 1e-4
+(relative for the loss, absolute for the scores) in float32, else the benchmark stops; in bfloat16 the
+difference is reported. The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
+machine's load hits all alike.
+
+Each row holds the median, min and max wall time of `--runs` calls after `--warmup` ones, the compile time apart
+(JAX: XLA's compilation; torch_compile: its first call; eager: 0), XLA's FLOP count of the step (the same count
+serves the torch rows), the achieved TFLOP/s and MFU against the device's peak (`hardware.py`), the memory figures
+and `ratio_vs_torch` (images/s over PyTorch eager's) on the JAX row. Weights and inputs are random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from contextblip_jax import hardware, stages
+from contextblip_jax.benchmark.jax_steps import (
+    PRESETS,
+    Prepared,
+    Setup,
+    adapter_times,
+    interleaved_times,
+    prepare,
+    random_batch,
+)
+from contextblip_jax.models.contextblip import REMAT_TOWERS
+
+FRAMEWORKS = ("torch", "torch_compile")
+
+_MEASURE = flags.DEFINE_enum("measure", "train", ["train", "eval", "adapter"], "What to measure (see above).")
+_STAGE = flags.DEFINE_enum("stage", "finetune", list(stages.STAGES), "Stage whose step is measured.")
+_PRESET = flags.DEFINE_enum("preset", "base", list(PRESETS), "Model size (base: ViT-B/16 at 224 px).")
+_DESCRIPTIONS = flags.DEFINE_integer("descriptions", 2, "Descriptions per step (stage 1: image-caption pairs).")
+_CANDIDATES = flags.DEFINE_integer("candidates", 10, "Candidate images per description.")
+_TEXT_LENGTH = flags.DEFINE_integer(
+    "text_length", 64, "Tokens per description, at most the preset's position embeddings (the row says which)."
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
+_REMAT = flags.DEFINE_list("remat", [], f"Towers recomputed in the backward pass, from {REMAT_TOWERS}.")
+_COMPARE = flags.DEFINE_list("compare", [], f"PyTorch variants timed beside JAX, from {FRAMEWORKS}.")
+_RUNS = flags.DEFINE_integer("runs", 5, "Timed calls; median, min and max are reported.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+
+
+def agreement(name: str, jax_side: Prepared, other: Prepared, train: bool, dtype: str) -> float:
+    """The difference between two sides' first outputs; in float32 over 1e-4 it stops the benchmark."""
+    if train:
+        difference = float(abs(other.first - jax_side.first) / max(abs(float(jax_side.first)), 1.0))
+    else:
+        difference = float(np.max(np.abs(other.first - jax_side.first)))
+    if dtype == "float32" and difference > 1e-4:
+        raise SystemExit(
+            f"{name} computes something else than JAX: first {'loss' if train else 'scores'} {other.first} "
+            f"against {jax_side.first} (difference {difference:.3g} > 1e-4); nothing was timed"
+        )
+    return difference
+
+
+def step_rows(setup: Setup) -> list[dict[str, Any]]:
+    stage = setup.stage_row
+    if setup.train and not stage.trains:
+        raise app.UsageError(f"stage {stage.name!r} does not train: use --measure=eval")
+    if not setup.train and not stage.evaluates:
+        raise app.UsageError(f"stage {stage.name!r} has no candidate scores: use --measure=train")
+    unknown = sorted(set(_COMPARE.value) - set(FRAMEWORKS))
+    if unknown:
+        raise app.UsageError(f"--compare takes {FRAMEWORKS}, got {unknown}")
+    batch = random_batch(setup)
+    jax_side, params = prepare(setup, batch, keep_params=bool(_COMPARE.value))
+    sides: dict[str, Prepared] = {"jax": jax_side}
+    differences: dict[str, float] = {}
+    for name in _COMPARE.value:
+        from contextblip_jax.benchmark import torch_steps  # torch is a development dependency
+
+        sides[name] = torch_steps.prepare(setup, batch, params, compile_model=name == "torch_compile")
+        differences[name] = agreement(name, jax_side, sides[name], setup.train, setup.dtype)
+    del params
+    times = interleaved_times([side.call for side in sides.values()], _RUNS.value, _WARMUP.value)
+    peak, peak_source = hardware.peak_tflops(setup.dtype)
+    memory, memory_source = hardware.peak_memory_bytes()
+    flops = jax_side.figures["flops_per_step"]
+    rows = []
+    for (name, side), timed in zip(sides.items(), times, strict=True):
+        step_s = hardware.spread(timed)
+        achieved = flops / step_s["median"] / 1e12 if flops else None
+        rows.append(
+            {
+                "framework": name,
+                "measure": "train" if setup.train else "eval",
+                "stage": stage.name,
+                "images_per_s": round(setup.images / step_s["median"], 3),
+                "descriptions_per_s": round(setup.descriptions / step_s["median"], 3),
+                "step_s": step_s,
+                "compile_s": round(side.compile_s, 2),
+                "flops_per_step": flops,
+                "estimated_memory_bytes": side.figures.get("estimated_memory_bytes"),
+                "tflops_per_s": round(achieved, 3) if achieved else None,
+                "peak_tflops": round(peak, 3),
+                "peak_source": peak_source,
+                "mfu": round(achieved / peak, 4) if achieved else None,
+                "peak_memory_bytes": memory,
+                "peak_memory_source": memory_source + (" (all frameworks of the run)" if len(sides) > 1 else ""),
+                "difference_vs_jax": differences.get(name),
+                "remat": list(setup.remat),
+            }
+        )
+    if "torch" in sides:
+        rows[0]["ratio_vs_torch"] = round(rows[0]["images_per_s"] / rows[1]["images_per_s"], 3)
+    return rows
+
+
+def adapter_rows(setup: Setup) -> list[dict[str, Any]]:
+    rows = []
+    for adapter, timed in zip((True, False), adapter_times(setup, _RUNS.value, _WARMUP.value), strict=True):
+        step_s = hardware.spread(timed)
+        images_per_s = round(setup.descriptions * setup.candidates / step_s["median"], 3)
+        row = {"framework": "jax", "measure": "adapter", "adapter": adapter, "step_s": step_s}
+        rows.append({**row, "images_per_s": images_per_s})
+    overhead = rows[0]["step_s"]["median"] / rows[1]["step_s"]["median"] - 1.0
+    rows.append({"framework": "jax", "measure": "adapter_overhead", "relative": round(overhead, 4)})
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    setup = Setup(
+        preset=_PRESET.value,
+        stage=_STAGE.value,
+        train=_MEASURE.value == "train",
+        dtype=_DTYPE.value,
+        descriptions=_DESCRIPTIONS.value,
+        candidates=_CANDIDATES.value,
+        text_length=_TEXT_LENGTH.value,
+        remat=tuple(_REMAT.value),
+    )
+    common = {
+        "preset": setup.preset,
+        "dtype": setup.dtype,
+        "descriptions": setup.descriptions,
+        "candidates": setup.candidates,
+        "text_length": setup.length,
+        "runs": _RUNS.value,
+        "device": hardware.device_name(),
+        "threads": os.cpu_count(),
+    }
+    rows = adapter_rows(setup) if _MEASURE.value == "adapter" else step_rows(setup)
+    for row in rows:
+        print(json.dumps({**row, **common}), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,195 @@
+"""The JAX side of the benchmark: the trainer's own steps (`step.make_train_step`, `step.make_predict_step`)
+jitted, compiled and called on a random batch, with XLA's figures for the compiled program.
+
+Imports: the model and its variant table, the stage table, the steps, the optimizer and the base config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from contextblip_jax import optim, stages
+from contextblip_jax.models.config import ContextBLIPConfig
+from contextblip_jax.models.contextblip import ContextBLIP, set_remat
+from contextblip_jax.models.variants import VARIANTS
+from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
+from contextblip_jax.trainconfig import base_config
+
+PRESETS: dict[str, ContextBLIPConfig] = {
+    "tiny": VARIANTS["tiny"],
+    "small": VARIANTS["small"],
+    "base": VARIANTS["B/16"],
+    "large": VARIANTS["L/16"],
+}
+"""Benchmark names for rows of the variant table (`models/variants.py`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What one measurement runs: the preset's model, the stage's train step (train) or scores, the batch shape."""
+
+    preset: str
+    stage: str
+    train: bool
+    dtype: str = "float32"
+    descriptions: int = 2
+    candidates: int = 10
+    text_length: int = 64
+    remat: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> ContextBLIPConfig:
+        """The preset with PyTorch's default kernel initialisation (speed is the same): BERT's N(0, 0.02) at
+        random makes every candidate score and loss nearly equal, so comparing two frameworks' outputs would
+        prove little; with fan-in kernels, a torch side without its adapter misses by 25x the tolerance."""
+        return dataclasses.replace(PRESETS[self.preset], init="fan_in")
+
+    @property
+    def stage_row(self) -> stages.Stage:
+        return stages.get(self.stage)
+
+    @property
+    def length(self) -> int:
+        """`text_length`, cut to what the preset's text tower holds (the tiny preset has 24 positions)."""
+        return min(self.text_length, self.config.blip.text.max_positions)
+
+    @property
+    def images(self) -> int:
+        return self.descriptions if self.stage_row.data == "captions" else self.descriptions * self.candidates
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A compiled step ready to be timed. `first`: its first output (the loss before any update, or the scores)."""
+
+    call: Callable[[], Any]
+    compile_s: float
+    first: np.ndarray
+    figures: dict[str, Any]
+
+
+def interleaved_times(fns: list[Callable[[], Any]], runs: int, warmup: int) -> list[list[float]]:
+    """Wall times of each function, timed in turns (A, B, A, B, ...) so that drift in the machine's load affects
+    all of them alike. A function's result is waited for (JAX arrays, torch tensors through `.cpu()`)."""
+
+    def wait(result: Any) -> None:
+        jax.block_until_ready(result)
+        if hasattr(result, "cpu"):
+            result.cpu()
+
+    for fn in fns:
+        for _ in range(warmup):
+            wait(fn())
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            wait(fn())
+            bucket.append(time.perf_counter() - start)
+    return times
+
+
+def random_batch(setup: Setup) -> dict[str, np.ndarray]:
+    """A batch of the stage's fields and shapes (as the input pipeline delivers them), random values."""
+    rng = np.random.default_rng(0)
+    config, n = setup.config, setup.descriptions
+    size = config.blip.vision.image_size
+    per_description = () if setup.stage_row.data == "captions" else (setup.candidates,)
+    ids = rng.integers(1000, config.blip.text.vocab_size, (n, setup.length))
+    fields = {
+        "images": rng.standard_normal((n, *per_description, size, size, 3)).astype(np.float32),
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": np.ones((n, setup.length), np.int32),
+        "target": rng.integers(0, setup.candidates, n).astype(np.int32),
+        "is_video": np.zeros(n, bool),
+    }
+    return {name: fields[name] for name in setup.stage_row.batch_fields}
+
+
+def step_figures(traced: Any, compiled: Any) -> dict[str, Any]:
+    """FLOPs per step and the compiler's memory estimate (None where the backend gives none).
+
+    FLOPs are XLA's cost analysis of the program lowered for the CPU, whatever the device: the count is the
+    program's, and on GPUs the compiled program's matrix products are library calls that the GPU's cost analysis
+    leaves out (an H100 reported 1.6 TFLOP for a base finetune step of 160 images; the CPU count is 26)."""
+    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    estimate = None
+    if memory is not None:
+        estimate = (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
+    return {"flops_per_step": (cost or {}).get("flops"), "estimated_memory_bytes": estimate}
+
+
+def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = False) -> tuple[Prepared, dict]:
+    """The stage's jitted step on a fresh random model, compiled and called once; and, with `keep_params`, the
+    model's initial parameters as numpy arrays (dotted names) for another framework to start from."""
+    stage = setup.stage_row
+    model = ContextBLIP(setup.config, dtype=jnp.dtype(setup.dtype), rngs=nnx.Rngs(0))
+    set_remat(model, setup.remat)
+    spec, trainable, frozen = split_model(model, stage.trainable_filter())
+    params = {name: np.array(value) for name, value in {**trainable, **frozen}.items()} if keep_params else {}
+    device_batch = {name: jnp.asarray(value) for name, value in batch.items()}
+    run_config = base_config()
+    if setup.train:
+        tx = optim.build_optimizer(run_config.optimizer, trainable, steps_per_epoch=1000)
+        state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+        traced = jax.jit(make_train_step(spec, stage, run_config.loss, tx, seed=0), donate_argnums=(0,)).trace(
+            state, device_batch
+        )
+        start = time.perf_counter()
+        compiled = traced.lower().compile()
+        compile_s = time.perf_counter() - start
+        holder = [state]
+
+        def call() -> Any:
+            holder[0], metrics = compiled(holder[0], device_batch)
+            return metrics["loss"]
+
+    else:
+        traced = jax.jit(make_predict_step(spec, stage)).trace(trainable, frozen, device_batch)
+        start = time.perf_counter()
+        compiled = traced.lower().compile()
+        compile_s = time.perf_counter() - start
+
+        def call() -> Any:
+            return compiled(trainable, frozen, device_batch)
+
+    first = np.asarray(call())
+    return Prepared(call, compile_s, first, step_figures(traced, compiled)), params
+
+
+def adapter_times(setup: Setup, runs: int, warmup: int) -> list[list[float]]:
+    """Zero-shot scoring with and without the adapter (plain BLIP) on the same weights and inputs, timed in turns."""
+    config = setup.config
+    model = ContextBLIP(config, dtype=jnp.dtype(setup.dtype), rngs=nnx.Rngs(0))
+    batch = random_batch(dataclasses.replace(setup, stage="zeroshot"))
+    images, ids, mask = (jnp.asarray(batch[k]) for k in ("images", "input_ids", "attention_mask"))
+    count = setup.candidates
+
+    @nnx.jit
+    def with_adapter(model: ContextBLIP) -> jax.Array:
+        return model.zero_shot_scores(images, ids, mask)
+
+    @nnx.jit
+    def without_adapter(model: ContextBLIP) -> jax.Array:
+        flat = images.reshape(-1, *images.shape[2:])
+        logits = model.blip.itm_logits_from_features(
+            model.blip.image_features(flat), jnp.repeat(ids, count, 0), jnp.repeat(mask, count, 0)
+        )
+        return jax.nn.softmax(logits, axis=-1)[:, 1].reshape(-1, count)
+
+    return interleaved_times([lambda: with_adapter(model), lambda: without_adapter(model)], runs, warmup)

@@ -1,0 +1,197 @@
+"""The PyTorch side of the benchmark: the same stage-2a train step and zero-shot scoring, written the way a user of
+the authors' code runs them: transformers' BLIP towers (`BlipForImageTextRetrieval`) with the multi-level adapter
+and the scoring head as small torch modules (as the authors' `models/multiscale_adapter.py` and
+`finetune_notf.py`), `torch.optim.Adam` with the same two parameter groups, eager or under `torch.compile`.
+
+It holds the JAX model's own weights: each BLIP tensor is filled through the converter's rules run backwards
+(a rule moves entries, so applying it to an array of source indices says where every entry came from).
+
+Imports: torch and transformers (development dependencies, imported by this module only), the model configs and
+the converter's rules.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from contextblip_jax.convert.mapping import blip_rules
+from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
+
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+
+
+def hf_config(config: BlipConfig) -> transformers.BlipConfig:
+    """The Hugging Face config of the same BLIP (no dropout, as the JAX towers in fine-tuning)."""
+    v, t = config.vision, config.text
+    vision = dict(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps,
+        hidden_act=HF_ACTIVATIONS[v.activation],
+    )  # fmt: skip
+    text = dict(
+        vocab_size=t.vocab_size, hidden_size=t.width, encoder_hidden_size=t.encoder_width, intermediate_size=t.mlp_dim,
+        num_hidden_layers=t.depth, num_attention_heads=t.num_heads, max_position_embeddings=t.max_positions,
+        layer_norm_eps=t.layer_norm_eps, hidden_act=HF_ACTIVATIONS[t.activation], bos_token_id=None,
+        sep_token_id=None, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=config.embed_dim)
+
+
+def hf_state_dict(config: BlipConfig, params: Mapping[str, np.ndarray], prefix: str = "blip.") -> dict[str, Any]:
+    """Hugging Face tensors holding the JAX BLIP parameters `params[prefix + dotted path]`."""
+    flat: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, rule in blip_rules(config).items():
+        value = np.asarray(params[prefix + ".".join(map(str, path))], np.float32)
+        source = tuple(rule.source_shape(value.shape))
+        index = np.arange(math.prod(source)).reshape(source)
+        origin = index if path[-1] == "pos_embed" else rule.apply(index, value.shape)  # same grid: no resampling
+        buffer = flat.setdefault(rule.key, np.zeros(math.prod(source), np.float32))
+        buffer[np.asarray(origin).ravel()] = value.ravel()
+        shapes[rule.key] = source
+    return {key: torch.from_numpy(buffer.reshape(shapes[key])) for key, buffer in flat.items()}
+
+
+class Adapter(nn.Module):
+    """`out = x + ReLU(concat_k ReLU(LN(h_k) W_down_k) W_up)` over the ViT blocks `levels` (1-indexed)."""
+
+    def __init__(self, levels: tuple[int, ...], width: int, hidden: int):
+        super().__init__()
+        self.levels = levels
+        self.down = nn.ModuleList(nn.Linear(width, hidden, bias=False) for _ in levels)
+        self.up = nn.Linear(hidden * len(levels), width, bias=False)
+
+    def forward(self, final: torch.Tensor, hidden_states: tuple[torch.Tensor, ...], norm: nn.Module) -> torch.Tensor:
+        # Hugging Face's hidden_states[0] is the embedding output; block k's output is hidden_states[k].
+        pairs = zip(self.down, self.levels, strict=True)
+        latent = torch.cat([F.relu(down(norm(hidden_states[k]))) for down, k in pairs], -1)
+        return final + F.relu(self.up(latent))
+
+
+class TorchContextBLIP(nn.Module):
+    """Stage 2a's logits and the zero-shot ITM scores of ContextBLIP over [B, C, H, W, 3] candidates."""
+
+    def __init__(self, config: ContextBLIPConfig):
+        super().__init__()
+        vision, text = config.blip.vision, config.blip.text
+        self.blip = transformers.BlipForImageTextRetrieval(hf_config(config.blip))
+        levels = config.adapter.resolved_levels(vision.depth)
+        self.adapter = Adapter(tuple(levels), vision.width, vision.width // config.adapter.reduction)
+        self.head = nn.Linear(text.width, 1)
+        scale = config.head.logit_scale
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale))) if scale else None
+
+    def first_tokens(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, count = images.shape[:2]
+        pixels = images.reshape(batch * count, *images.shape[2:]).permute(0, 3, 1, 2)
+        out = self.blip.vision_model(pixel_values=pixels, output_hidden_states=True)
+        adapted = self.adapter(out.last_hidden_state, out.hidden_states, self.blip.vision_model.post_layernorm)
+        image_mask = torch.ones(adapted.shape[:2], dtype=torch.long, device=adapted.device)
+        text = self.blip.text_encoder(
+            input_ids=ids.repeat_interleave(count, 0),
+            attention_mask=mask.repeat_interleave(count, 0),
+            encoder_hidden_states=adapted,
+            encoder_attention_mask=image_mask,
+        )
+        return text.last_hidden_state[:, 0].reshape(batch, count, -1)
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, zero_shot: bool = False):
+        first = self.first_tokens(images, ids, mask)
+        if zero_shot:
+            return torch.softmax(self.blip.itm_head(first).float(), dim=-1)[..., 1]
+        logits = self.head(F.normalize(first.float(), dim=-1).to(first.dtype))[..., 0].float()
+        return logits if self.log_scale is None else logits * self.log_scale.exp()
+
+    def load_jax(self, config: ContextBLIPConfig, params: Mapping[str, np.ndarray]) -> None:
+        """Copy the JAX model's weights (flat dotted names) into this module."""
+        self.blip.load_state_dict(hf_state_dict(config.blip, params), strict=False)
+
+        def linear(name: str) -> torch.Tensor:  # (in, out) kernel -> (out, in) weight
+            return torch.from_numpy(np.asarray(params[name], np.float32).reshape(-1, params[name].shape[-1]).T.copy())
+
+        with torch.no_grad():
+            for i, down in enumerate(self.adapter.down):
+                down.weight.copy_(linear(f"adapter.down.{i}.kernel"))
+            self.adapter.up.weight.copy_(linear("adapter.up.kernel"))
+            self.head.weight.copy_(linear("head.proj.kernel"))
+            self.head.bias.copy_(torch.from_numpy(np.asarray(params["head.proj.bias"], np.float32)))
+            if self.log_scale is not None:
+                self.log_scale.copy_(torch.tensor(float(params["head.log_scale"])))
+
+
+TRAINABLE_PREFIXES = ("blip.vision_model.", "blip.text_encoder.", "adapter.", "head.", "log_scale")
+"""Stage 2a's trainable parts under torch names (the JAX stage table's `blip.(vision|text)`, adapter, head)."""
+
+
+def make_torch_step(
+    model: TorchContextBLIP, batch: Mapping[str, torch.Tensor], optimizer_config: Any, train: bool,
+    dtype: torch.dtype, compile_model: bool,
+) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """A call running one train step (returning the loss before the update) or one scoring pass."""
+    device = batch["images"].device.type
+    forward = torch.compile(model) if compile_model else model
+    autocast = dtype != torch.float32
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    if not train:
+
+        @torch.no_grad()
+        def score() -> torch.Tensor:
+            with torch.autocast(device, dtype=dtype, enabled=autocast):
+                return forward(*args, zero_shot=True)
+
+        return score
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
+    head = [p for n, p in named if n.startswith(("head.", "log_scale"))]
+    rest = [p for n, p in named if not n.startswith(("head.", "log_scale"))]
+    c = optimizer_config
+    optimizer = torch.optim.Adam(
+        [{"params": rest, "lr": c.lr}, {"params": head, "lr": c.head_lr}],
+        betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay,
+    )  # fmt: skip
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            logits = forward(*args)
+        loss = F.cross_entropy(logits.float(), batch["target"].long(), reduction="sum")
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], compile_model: bool):
+    """The torch step of `setup` (a `jax_steps.Setup`) holding `params`, called once; a `jax_steps.Prepared`.
+    Only stage 2a (`finetune`) trains and only zero-shot scoring evaluates on this side."""
+    from contextblip_jax.benchmark.jax_steps import Prepared
+    from contextblip_jax.trainconfig import base_config
+
+    wanted = "finetune" if setup.train else "zeroshot"
+    if setup.stage != wanted:
+        raise ValueError(
+            f"the PyTorch side measures --measure=train --stage=finetune and --measure=eval "
+            f"--stage=zeroshot; got {'train' if setup.train else 'eval'} --stage={setup.stage}"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = TorchContextBLIP(setup.config).to(device).eval()
+    model.load_jax(setup.config, params)
+    model.to(device)
+    tensors = {name: torch.from_numpy(np.asarray(value)).to(device) for name, value in batch.items()}
+    dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+    call = make_torch_step(model, tensors, base_config().optimizer, setup.train, dtype, compile_model)
+    start = time.perf_counter()
+    first = call().float().cpu().numpy()
+    first_call_s = time.perf_counter() - start
+    return Prepared(call, first_call_s if compile_model else 0.0, first, {})

@@ -1,0 +1,54 @@
+"""The PyTorch side computes what the JAX step computes, on the JAX model's weights; the agreement check catches a
+torch side that computes something else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from contextblip_jax.benchmark import __main__ as cli
+from contextblip_jax.benchmark import jax_steps, torch_steps
+
+
+@pytest.fixture(params=[("finetune", True), ("zeroshot", False)], ids=["train", "eval"])
+def sides(request):
+    stage, train = request.param
+    setup = jax_steps.Setup("tiny", stage, train)
+    batch = jax_steps.random_batch(setup)
+    jax_side, params = jax_steps.prepare(setup, batch, keep_params=True)
+    return setup, batch, jax_side, params
+
+
+def test_torch_agrees_with_jax_and_trains(sides):
+    setup, batch, jax_side, params = sides
+    torch_side = torch_steps.prepare(setup, batch, params, compile_model=False)
+    assert cli.agreement("torch", jax_side, torch_side, setup.train, "float32") <= 1e-4
+    if setup.train:  # the torch step updates its weights: the next loss differs, as JAX's does
+        assert float(torch_side.call()) != pytest.approx(float(torch_side.first), abs=1e-6)
+        assert float(jax_side.call()) != pytest.approx(float(jax_side.first), abs=1e-6)
+    else:
+        scores = torch_side.first
+        assert scores.shape == (setup.descriptions, setup.candidates) and np.ptp(scores) > 1e-3
+
+
+def test_a_torch_side_without_its_adapter_is_caught(sides, monkeypatch):
+    setup, batch, jax_side, params = sides
+    monkeypatch.setattr(torch_steps.Adapter, "forward", lambda self, final, hidden_states, norm: final)
+    torch_side = torch_steps.prepare(setup, batch, params, compile_model=False)
+    with pytest.raises(SystemExit, match="computes something else"):
+        cli.agreement("torch", jax_side, torch_side, setup.train, "float32")
+
+
+def test_weights_go_back_to_hugging_face_names_exactly():
+    """The converter's rules run backwards, then forwards again through the converter, give the JAX tensors."""
+    from contextblip_jax.convert.mapping import blip_rules
+
+    setup = jax_steps.Setup("tiny", "finetune", True)
+    _, params = jax_steps.prepare(setup, jax_steps.random_batch(setup), keep_params=True)
+    state = torch_steps.hf_state_dict(setup.config.blip, params)
+    for path, rule in blip_rules(setup.config.blip).items():
+        name = "blip." + ".".join(map(str, path))
+        back = rule.apply(state[rule.key].numpy(), params[name].shape)
+        np.testing.assert_array_equal(back, params[name], err_msg=name)
+    assert isinstance(state["vision_model.embeddings.class_embedding"], torch.Tensor)
