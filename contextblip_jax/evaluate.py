@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from contextblip_jax import stages, trainconfig
 from contextblip_jax.data import inputs
 from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
 from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
@@ -33,6 +34,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config, workdir = _CONFIG.value, _WORKDIR.value
+    if _SPLIT.value != "mmvp":
+        trainconfig.check_imagecode_folder(config, stages.get(config.stage))
     scoring = scorer(config, workdir)
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:

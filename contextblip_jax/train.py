@@ -92,6 +92,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
             "gcsfuse at /mnt/BUCKET, or NFS)"
         )
     stage = trainconfig.check(config)
+    trainconfig.check_imagecode_folder(config, stage)
     if not stage.trains:
         raise ValueError(f"the {stage.name} stage does not train: use python -m contextblip_jax.evaluate")
 

@@ -5,7 +5,7 @@ The `model`, `data` and `data.augment` sections are generated from the dataclass
 (`ContextBLIPConfig`, `DataConfig`, `AugmentConfig`), so each of their defaults and meanings lives in one place:
 the dataclass's docstring. The other keys are documented where they are set below.
 
-Imports: the model config, the data config and the stage table.
+Imports: the model config, the data config, the ImageCoDe layout and the stage table.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from contextblip_jax import stages
+from contextblip_jax.data import imagecode
 from contextblip_jax.data.pipeline import DataConfig
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.contextblip import REMAT_TOWERS
@@ -131,6 +132,28 @@ def check(config: ml_collections.ConfigDict) -> stages.Stage:
             f"data.batch_size {config.data.batch_size} is not divisible by grad_accum_steps {config.grad_accum_steps}"
         )
     return stage
+
+
+def check_imagecode_folder(config: ml_collections.ConfigDict, stage: stages.Stage) -> None:
+    """A run that reads ImageCoDe from a folder finds its files, or learns exactly what to get and where to put
+    it (a bare `file not found` tells a new user nothing)."""
+    if stage.data != "imagecode" or config.data.source != "folder" or config.data.synthetic:
+        return
+    missing = [
+        name
+        for name in (*imagecode.SPLIT_FILES.values(), imagecode.IMAGE_DIR)
+        if not os.path.exists(os.path.join(config.data.root, name))
+    ]
+    if missing:
+        where = f"{config.data.root} lacks {', '.join(missing)}" if config.data.root else "data.root is not set"
+        raise FileNotFoundError(
+            f"{where}. The {stage.name} stage reads ImageCoDe: get train_data.json, valid_data.json, "
+            "test_data_unlabeled.json and image-sets.zip (about 13.8 GB) from Zenodo record 6518944 or the "
+            "Hugging Face dataset BennoKrojer/ImageCoDe, unpack image-sets.zip beside the JSON files "
+            "(FOLDER/image-sets/SET/imgX.jpg), check the folder with `python -m contextblip_jax.data.imagecode "
+            "--root=FOLDER`, then pass --config.data.root=FOLDER (or try configs/synthetic.py, which "
+            "generates its own data)"
+        )
 
 
 def parse_args(arg: str, **defaults: str) -> dict[str, str]:

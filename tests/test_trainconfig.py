@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contextblip_jax import trainconfig
+from contextblip_jax import stages, trainconfig
 from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.inputs import data_config
 from contextblip_jax.data.pipeline import DataConfig
@@ -67,3 +67,14 @@ def test_variants_give_the_configs_their_architectures():
     assert config_file("imagecode", "variant=L/16").model.blip.vision.width == 1024
     tiny = config_file("synthetic", "variant=tiny")
     assert tiny.data.image_size == tiny.model.blip.vision.image_size == 32
+
+
+def test_a_run_without_imagecode_says_what_to_get_and_where(tmp_path):
+    config = config_file("imagecode", "stage=finetune")
+    with pytest.raises(FileNotFoundError, match=r"data.root is not set\. .*Zenodo record 6518944.*image-sets"):
+        trainconfig.check_imagecode_folder(config, stages.get("finetune"))
+    (tmp_path / "train_data.json").write_text("{}")
+    config.data.root = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"lacks valid_data\.json, test_data_unlabeled\.json, image-sets"):
+        trainconfig.check_imagecode_folder(config, stages.get("finetune"))
+    trainconfig.check_imagecode_folder(config, stages.get("pretrain"))  # stage 1 reads captions

@@ -65,6 +65,7 @@ def test_two_tasks_match_one_process_with_eight_devices(cluster, tmp_path, data_
     expected, got = losses(eight_devices["(8,1,1)"]), losses(tmp_path / "w")
     assert sorted(got) == [1, 2, 3], log[-3000:]
     for step in (1, 2, 3):
+        print(f"step {step}: 2 SLURM tasks x 4 devices {got[step]!r}, 1 process x 8 devices {expected[step]!r}")
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
 
 
