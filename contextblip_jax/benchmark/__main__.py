@@ -21,7 +21,10 @@ machine's load hits all alike.
 Each row holds the median, min and max wall time of `--runs` calls after `--warmup` ones, the compile time apart
 (JAX: XLA's compilation; torch_compile: its first call; eager: 0), XLA's FLOP count of the step (the same count
 serves the torch rows), the achieved TFLOP/s and MFU against the device's peak (`hardware.py`), the memory figures
-and `ratio_vs_torch` (images/s over PyTorch eager's) on the JAX row. Weights and inputs are random.
+and `ratio_vs_torch` (images/s over PyTorch eager's) on the JAX row. Weights and inputs are random. The process
+keeps freed host memory for reuse, as the trainer does (`hostmem.py`), for all frameworks alike. On a CPU, run
+it on an otherwise idle machine: PyTorch's OpenMP threads spin while they wait, and on shared cores a tiny
+model's step took 3 s instead of 25 ms.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from contextblip_jax import hardware, stages
+from contextblip_jax import hardware, hostmem, stages
 from contextblip_jax.benchmark.jax_steps import (
     PRESETS,
     Prepared,
@@ -144,6 +147,7 @@ def adapter_rows(setup: Setup) -> list[dict[str, Any]]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    hostmem.keep_freed_memory()  # as the trainer does; the setting holds for every framework in the process
     setup = Setup(
         preset=_PRESET.value,
         stage=_STAGE.value,
