@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="contextblip-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from tests.runs import ROOT, SETS  # after the environment above, which jax reads when it is imported
+from tests.runs import ROOT, run_config  # after the environment above, which jax reads when it is imported
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,11 +34,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> str:
-    """A small generated ImageCoDe-layout folder for trainer tests (12 training sets of 48 px images)."""
-    from contextblip_jax.data import synthetic
+    """The generated folder the trainer tests' configs ask for (`run_config`: 12 training sets), written as the
+    trainer itself writes it (`synthetic.ensure`, behind its manifest, plus stage 1's captions), so that runs
+    find it ready and never regenerate it under one another."""
+    from contextblip_jax.data import inputs
 
     root = str(tmp_path_factory.mktemp("synthetic"))
-    synthetic.generate(root, seed=0, num_train_sets=SETS, num_valid_sets=4, num_test_sets=2, image_size=48)
+    inputs.ensure_synthetic_data(run_config(root))
     return root
 
 

@@ -9,6 +9,7 @@ Parameters are float32; `dtype` is the compute dtype. Softmax runs in float32 wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -113,7 +114,9 @@ def redraw_fan_in(module: nnx.Module, rngs: nnx.Rngs) -> None:
         elif isinstance(node, nnx.Conv):
             kernels.append((node.kernel, math.prod(node.kernel.shape[:-1])))
     # One draw for all kernels, scaled on the host: a draw per kernel shape would compile one program per shape.
-    unit = np.asarray(jax.random.uniform(rngs.params(), (sum(k.size for k, _ in kernels),), jnp.float32, -1, 1))
+    unit = jax.random.uniform(rngs.params(), (sum(k.size for k, _ in kernels),), jnp.float32, -1, 1)
+    with contextlib.suppress(jax.errors.TracerArrayConversionError):  # traced (nnx.eval_shape): slice the tracer
+        unit = np.asarray(unit)
     offset = 0
     for kernel, fan_in in kernels:
         values = unit[offset : offset + kernel.size].reshape(kernel.shape) / np.float32(math.sqrt(fan_in))
