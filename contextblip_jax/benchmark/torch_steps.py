@@ -186,8 +186,7 @@ def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = TorchContextBLIP(setup.config).to(device).eval()
-    model.load_jax(setup.config, params)
-    model.to(device)
+    model.load_jax(setup.config, params)  # copies into the parameters already on `device`
     tensors = {name: torch.from_numpy(np.asarray(value)).to(device) for name, value in batch.items()}
     dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
     call = make_torch_step(model, tensors, base_config().optimizer, setup.train, dtype, compile_model)
