@@ -21,6 +21,26 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors; this module writes Python
+    floats. Where torch is installed (the conversion and test environment) that import costs about 10 s at every
+    run's start, so it is refused for the duration of tensorboardX's import (a `None` entry in `sys.modules` makes
+    `import torch` raise ImportError, which tensorboardX handles). An already imported torch is left alone.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Telemetry:
     def __init__(self, workdir: str, total_steps: int):
         self.workdir = workdir
@@ -31,9 +51,7 @@ class Telemetry:
         self._events = None
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
-            self._events = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._events = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops rows logged after `step`: a resumed run rewrites them, so the file reads as one clean run."""

@@ -7,7 +7,12 @@ cluster), are kept on one worker (`xdist_group`), so that each is built once.
 
 XLA's persistent compilation cache lives in a fresh folder per session and is inherited by the subprocesses the
 trainer tests start: many tests compile the same tiny programs (parameter initialisers, the same train step), and
-compiling dominates their time on a CPU.
+compiling dominates their time on a CPU. For the same reason the suite compiles with LLVM's optimisations off
+(`--xla_backend_optimization_level=0`; 12% less time for the train-step tests, whose programs run for
+milliseconds); the main job's test (`test_main_job.py`), which trains for real, starts its runs without it.
+
+Two passes: the default one (`python -m pytest -q`) and `-m long`, the end-to-end checks that start processes,
+clusters or whole training runs; CI runs both. `-m slow` holds the full-size checks, run by hand.
 """
 
 import os
@@ -23,13 +28,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="contextblip-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from tests.runs import ROOT, run_config  # after the environment above, which jax reads when it is imported
+from tests.runs import ROOT, SUITE_XLA_FLAG, device_env, run_config
+
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{SUITE_XLA_FLAG} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+SHARED_FIXTURE_GROUPS = {"eight_devices": "eight_devices", "cluster": "eight_devices", "trained": "trained",
+                         "facts": "parallel_facts"}  # fmt: skip
+"""Costly fixtures (fixture -> xdist group): every test that uses one runs on the same worker, which builds it
+once. Without a group, xdist spreads a module's tests over both workers and each builds the fixture again."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "eight_devices" in getattr(item, "fixturenames", ()) or "cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("eight_devices"))
+        names = getattr(item, "fixturenames", ())
+        groups = {group for name, group in SHARED_FIXTURE_GROUPS.items() if name in names}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(min(groups)))
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +72,7 @@ def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
         f"keep_checkpoints=3, mesh={mesh}), {workdirs[mesh]!r})\n"
         for mesh, steps in meshes.items()
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = device_env(8)
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=900
     )

@@ -15,8 +15,24 @@ import ml_collections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = 12
+SUITE_XLA_FLAG = "--xla_backend_optimization_level=0"
+"""The suite's compile setting (conftest.py): tiny programs compile faster without LLVM's optimisations."""
 FAST = {"data.batch_size": 8, "eval.batch_size": 8, "eval_every": 0}
 """Small batches, and evaluation only at the end (or when a test asks)."""
+
+
+def device_env(devices: int, **extra: str) -> dict[str, str]:
+    """This process's environment for a child JAX process with `devices` simulated CPU devices: XLA_FLAGS are
+    extended (the suite's compile settings stay), not replaced."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def user_env() -> dict[str, str]:
+    """This process's environment without the suite's compile settings (conftest.py): for a child process that
+    must compile and run as a user's would."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != SUITE_XLA_FLAG)
+    return {**os.environ, "XLA_FLAGS": flags}
 
 
 def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:

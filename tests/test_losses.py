@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import numpy as np
 import optax
 
 from contextblip_jax import losses
+from tests.runs import device_env
 
 
 def test_positive_is_never_sampled():
@@ -85,7 +85,7 @@ def test_negatives_cross_devices_on_eight_simulated_devices():
         print("cross-device negatives", cross, "of", 20 * 2 * batch)
         assert cross > 0.5 * 20 * 2 * batch
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = device_env(8)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
     assert result.returncode == 0, result.stderr
     assert "cross-device negatives" in result.stdout

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from contextblip_jax.telemetry import read_metrics
+from tests.runs import user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 400
@@ -28,7 +29,9 @@ def test_main_job_learns_well_above_chance(tmp_path_factory, seed):
         "--config.eval_every=0", "--config.checkpoint_every=100000",
     ]  # fmt: skip
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
+    result = subprocess.run(
+        command, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=1800, check=False
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     final = [row for row in read_metrics(str(workdir)) if row["split"] == "valid"][-1]
     print(f"seed {seed}: {final} in {time.perf_counter() - start:.0f} s")

@@ -171,6 +171,7 @@ def facts() -> dict:
 # -- 8 simulated devices -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_make_mesh_resolves_shapes_on_8_devices(facts):
     resolved = {shape: facts["mesh"]["good"][str(shape)] for shape in GOOD_SHAPES}
     assert resolved == {
@@ -178,6 +179,7 @@ def test_make_mesh_resolves_shapes_on_8_devices(facts):
     }
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("shape", BAD_SHAPES)
 def test_make_mesh_rejects_bad_shapes_on_8_devices(facts, shape):
     message = facts["mesh"]["errors"].get(str(shape))
@@ -185,6 +187,7 @@ def test_make_mesh_rejects_bad_shapes_on_8_devices(facts, shape):
     assert str(shape) in message and "8" in message, message
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_parameters_are_sharded_as_the_rules_say(facts, name):
     spec, shape = EXPECTED[name]
@@ -194,11 +197,13 @@ def test_parameters_are_sharded_as_the_rules_say(facts, name):
     assert fact["shard"] == [n // (sizes[axis] if axis else 1) for n, axis in zip(shape, spec, strict=True)]
 
 
+@pytest.mark.long
 def test_every_parameter_is_placed_as_computed_with_values_kept(facts):
     assert facts["placement"]["all_as_computed"]
     assert facts["placement"]["values_kept"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("shape", FORWARD_MESHES)
 def test_sharded_forward_matches_one_device(facts, shape):
     fact = facts["forward"][str(shape)]
@@ -207,6 +212,7 @@ def test_sharded_forward_matches_one_device(facts, shape):
     assert fact["spec"] == [["data", "fsdp"], None]
 
 
+@pytest.mark.long
 def test_init_sharded_and_activation_constraint(facts):
     helpers = facts["helpers"]
     assert helpers["query_spec"] == ["fsdp", "tensor", None]

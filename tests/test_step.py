@@ -20,6 +20,8 @@ from contextblip_jax.step import TrainState, make_predict_step, make_train_step,
 from contextblip_jax.trainconfig import base_config
 from tests.tiny import tiny_contextblip
 
+pytestmark = pytest.mark.xdist_group("test_step")  # one worker computes each cached `one_step` once
+
 DESCRIPTIONS = 4
 CANDIDATES = 4
 CONFIG = tiny_contextblip(adapter=AdapterConfig(levels=(2, 4)))

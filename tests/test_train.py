@@ -21,7 +21,7 @@ from contextblip_jax import train, weights
 from contextblip_jax.data import inputs
 from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
 from contextblip_jax.telemetry import read_metrics
-from tests.runs import ROOT, run_config, train_command
+from tests.runs import ROOT, device_env, run_config, train_command
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,10 @@ def train_losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
 
 
-def test_resuming_in_a_new_process_gives_bitwise_identical_losses(tmp_path, data_root):
-    common = {"log_every": 1, "checkpoint_every": 20}
-    train.train(run_config(data_root, total_steps=40, **common), str(tmp_path / "straight"))
-    train.train(run_config(data_root, total_steps=20, **common), str(tmp_path / "resumed"))
-    second = run(train_command(tmp_path / "resumed", data_root, "--config.total_steps=40", "--config.log_every=1"))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 20" in second.stderr
-    expected, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 41))
-    for step in range(21, 41):
-        assert resumed[step] == expected[step], (step, resumed[step], expected[step])  # bitwise
-    assert len({expected[s] for s in range(21, 41)}) > 1  # the losses really move
-
-
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_root):
+@pytest.mark.long
+def test_sigterm_saves_exits_zero_and_a_new_process_resumes_bitwise(tmp_path, data_root):
+    """SIGTERM mid-run: exit 0 with only the interrupted step checkpointed; the same command in a new process
+    resumes from it and logs the losses of an uninterrupted run bit for bit."""
     workdir = tmp_path / "preempted"
     process = subprocess.Popen(
         train_command(workdir, data_root, "--config.total_steps=100000", "--config.log_every=1",
@@ -71,11 +60,20 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_root):
     interrupted = json.loads(stdout.strip().splitlines()[-1])["preempted_at"]
     steps = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
     assert steps == [interrupted] and interrupted >= 3
-    train.train(run_config(data_root, total_steps=interrupted + 2, log_every=1), str(workdir))
-    assert max(train_losses(workdir)) == interrupted + 2
-    assert sorted(train_losses(workdir)) == list(range(1, interrupted + 3))
+
+    total = interrupted + 8
+    resumed = run(train_command(workdir, data_root, f"--config.total_steps={total}", "--config.log_every=1"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {interrupted}" in resumed.stderr
+    train.train(run_config(data_root, total_steps=total, log_every=1), str(tmp_path / "straight"))
+    expected, got = train_losses(tmp_path / "straight"), train_losses(workdir)
+    assert sorted(got) == list(range(1, total + 1))
+    for step in range(1, total + 1):
+        assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise
+    assert len({expected[s] for s in range(interrupted + 1, total + 1)}) > 1  # the losses really move
 
 
+@pytest.mark.long
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
     config = run_config(
         data_root, total_steps=30, log_every=1, checkpoint_every=1, optimizer__lr=1e30, optimizer__head_lr=1e30,
@@ -110,12 +108,14 @@ def test_zeroshot_does_not_train(tmp_path, data_root):
         train.train(run_config(data_root, stage="zeroshot"), str(tmp_path / "zs"))
 
 
+@pytest.mark.long
 def test_resuming_with_another_architecture_names_the_fields(trained, data_root):
     config = run_config(data_root, total_steps=3, model__blip__text__mlp_dim=48)
     with pytest.raises(ValueError, match=r"another architecture: blip\.text\.mlp_dim: checkpoint 64, config 48"):
         train.train(config, trained)
 
 
+@pytest.mark.long
 def test_mmvp_pair_accuracy_per_category(tmp_path, trained, data_root):
     from tests.data.test_mmvp import miniature
 
@@ -127,6 +127,7 @@ def test_mmvp_pair_accuracy_per_category(tmp_path, trained, data_root):
     assert scores["mean"] == sum(scores[c] for c in categories) / 2
 
 
+@pytest.mark.long
 def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, data_root):
     common = [
         sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py:variant=tiny",
@@ -159,6 +160,7 @@ def step_one_params(workdir: str) -> dict[str, np.ndarray]:
         checkpoints.close()
 
 
+@pytest.mark.long
 def test_sharded_step_equals_one_device(tmp_path, data_root, eight_devices):
     """One train step on 8 simulated devices, meshes (8,1,1), (2,4,1), (2,2,2): loss and updated parameters of
     the 1-device run within 1e-5."""
@@ -172,13 +174,13 @@ def test_sharded_step_equals_one_device(tmp_path, data_root, eight_devices):
             np.testing.assert_allclose(other[name], value, atol=1e-5, err_msg=f"{mesh} {name}")
 
 
+@pytest.mark.long
 def test_two_processes_match_one_process_with_eight_devices(tmp_path, data_root, eight_devices):
     """2 processes x 4 CPU devices (gloo collectives) reproduce the 1-process 8-device losses over 3 steps."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}  # fmt: skip
+    env = device_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     flags = ("--config.total_steps=3", "--config.log_every=1", "--config.mesh=(8,1,1)",
              f"--coordinator=localhost:{port}", "--num_processes=2")  # fmt: skip
     commands = [train_command(tmp_path / "multi", data_root, *flags, f"--process_id={i}") for i in range(2)]
@@ -193,6 +195,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, data_root,
         assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
 
 
+@pytest.mark.long
 def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
     """stage 1 -> zero-shot evaluation -> 2a -> 2b, each initialised from the previous one's checkpoint."""
     s1, s2a, s2b = (str(tmp_path / name) for name in ("s1", "s2a", "s2b"))
@@ -212,6 +215,7 @@ def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
     assert not np.array_equal(final["context.position"], adapted["context.position"])
 
 
+@pytest.mark.long
 def test_predict_command_ranks_a_set(trained, data_root):
     folder = os.path.join(data_root, "image-sets", sorted(os.listdir(os.path.join(data_root, "image-sets")))[0])
     result = run(

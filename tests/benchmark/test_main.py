@@ -35,6 +35,7 @@ def check_row(row: dict, measure: str, stage: str, images: int, framework: str =
     assert 0 < row["mfu"] < 1 and row["peak_memory_bytes"] > 0
 
 
+@pytest.mark.long
 def test_train_row_holds_consistent_figures_and_counts_the_steps_own_flops():
     """Three descriptions cost about three times one (the optimizer update, the same for both, is small)."""
     (three,) = benchmark("--measure=train", "--stage=finetune", "--descriptions=3")
@@ -43,11 +44,13 @@ def test_train_row_holds_consistent_figures_and_counts_the_steps_own_flops():
     assert 2.5 < three["flops_per_step"] / one["flops_per_step"] < 3.1
 
 
+@pytest.mark.long
 def test_eval_row_holds_consistent_figures():
     (row,) = benchmark("--measure=eval", "--stage=zeroshot", "--descriptions=3")
     check_row(row, "eval", "zeroshot", images=30)
 
 
+@pytest.mark.long
 def test_compare_gives_a_torch_row_with_the_same_work():
     jax_row, torch_row = benchmark("--measure=eval", "--stage=zeroshot", "--descriptions=3", "--compare=torch")
     check_row(torch_row, "eval", "zeroshot", images=30, framework="torch")

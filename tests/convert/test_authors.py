@@ -172,6 +172,7 @@ def test_context_file_gives_the_authors_context_logits(reference, tmp_path, is_v
     assert np.abs(np.asarray(ours[0]) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.long
 def test_pretrain_file_through_cli_maps_decoder_and_adapters(reference, tmp_path):
     out = tmp_path / "converted"
     result = run_convert(

@@ -49,6 +49,7 @@ def assert_parity(diffs: dict[str, float]) -> None:
         assert diff <= TOLERANCE, f"{key}: max |diff| {diff:.3g} > {TOLERANCE}"
 
 
+@pytest.mark.long
 def test_hf_folder_through_cli(reference, tmp_path):
     _spec, _, inputs, expected, folder = reference
     out = tmp_path / "converted"

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.runs import device_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = textwrap.dedent(
@@ -56,7 +58,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_global_batch_on_eight_devices_holds_each_example_once(generated_root):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = device_env(8)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, generated_root], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )

@@ -1,6 +1,7 @@
 """The SLURM launcher on a real single-node cluster: 2 tasks x 4 CPU devices reproduce the 1-process 8-device
-losses, a job cancelled mid-run resumes from its checkpoint when submitted again, and every `sbatch` line of the
-README is accepted by the scheduler (the node has 8 placeholder GPUs)."""
+losses, and the same job, cancelled mid-run, resumes from its checkpoint when submitted again (one job serves
+both checks: each job costs a minute of start-up and compilation); every `sbatch` line of the README is accepted
+by the scheduler (the node has 8 placeholder GPUs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 from contextblip_jax.telemetry import read_metrics
 from tests.launch.local_slurm import LocalSlurm, Unavailable
 from tests.runs import FAST, ROOT, SETS
+
+pytestmark = pytest.mark.long
 
 SBATCH = os.path.join(ROOT, "launch", "slurm.sbatch")
 
@@ -56,20 +59,9 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
 
 
-def test_two_tasks_match_one_process_with_eight_devices(cluster, tmp_path, data_root, eight_devices):
-    output = str(tmp_path / "job.out")
-    job = submit(cluster, output, trainer_flags(tmp_path / "w", data_root, "--config.total_steps=3"))
-    cluster.wait_until_done(job, timeout=900)
-    log = read(output)
-    assert "2 tasks" in log, log[-3000:]
-    expected, got = losses(eight_devices["(8,1,1)"]), losses(tmp_path / "w")
-    assert sorted(got) == [1, 2, 3], log[-3000:]
-    for step in (1, 2, 3):
-        print(f"step {step}: 2 SLURM tasks x 4 devices {got[step]!r}, 1 process x 8 devices {expected[step]!r}")
-        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
-
-
-def test_cancelled_job_resumes_from_its_checkpoint(cluster, tmp_path, data_root):
+def test_two_tasks_match_eight_devices_and_a_cancelled_job_resumes(cluster, tmp_path, data_root, eight_devices):
+    """One job of 2 tasks x 4 devices: its first 3 losses are the 1-process 8-device run's; `scancel` makes both
+    tasks save the same step and exit; the job submitted again resumes from that checkpoint."""
     workdir, first = tmp_path / "w", str(tmp_path / "first.out")
     long_run = ("--config.total_steps=100000", "--config.checkpoint_every=100000")
     job = submit(cluster, first, trainer_flags(workdir, data_root, *long_run))
@@ -80,6 +72,11 @@ def test_cancelled_job_resumes_from_its_checkpoint(cluster, tmp_path, data_root)
     assert cluster.run("scancel", str(job)).returncode == 0
     cluster.wait_until_done(job, timeout=300)
     log = read(first)
+    assert "2 tasks" in log, log[-3000:]
+    expected, got = losses(eight_devices["(8,1,1)"]), losses(workdir)
+    for step in (1, 2, 3):
+        print(f"step {step}: 2 SLURM tasks x 4 devices {got[step]!r}, 1 process x 8 devices {expected[step]!r}")
+        assert abs(got[step] - expected[step]) <= 1e-5 * abs(expected[step]), (step, got[step], expected[step])
     stopped = [int(s) for s in re.findall(r'"preempted_at": (\d+)', log)]
     assert len(stopped) == 1, log[-3000:]  # process 0's summary; a step the tasks disagreed on would hang them
     step = stopped[0]

@@ -60,6 +60,7 @@ def dry_run(args: list[str]) -> list[str]:
     return result.stdout.splitlines()
 
 
+@pytest.mark.long
 def test_every_printed_command_passes_gclouds_parser(tmp_path):
     """The commands of every case and of every README line, each run through gcloud (a few at a time: each gcloud
     start costs a second of CPU)."""
