@@ -135,7 +135,13 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict
             raise
         needed, available = exhausted_need(str(error))
         logging.warning("XLA ran out of memory compiling for %s: %s", target.label, str(error).splitlines()[0])
-        return {"error": str(error).splitlines()[0][:2000], "needed_bytes": needed, "xla_available_bytes": available}
+        return {
+            "lowering_s": round(lowered_at - start, 2),
+            "compile_s": round(time.perf_counter() - lowered_at, 2),
+            "error": str(error).splitlines()[0][:2000],
+            "needed_bytes": needed,
+            "xla_available_bytes": available,
+        }
     compiled_at = time.perf_counter()
     memory = compiled.memory_analysis()
     section: dict[str, Any] = {
@@ -177,7 +183,7 @@ def _suggestions(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ste
     sizes = tuple(mesh.shape[axis] for axis in parallel.MESH_AXES)
     if step == "eval":
         return f"lower --config.eval.batch_size (now {config.eval.batch_size}) or shard over fsdp (below)"
-    fsdp = (1, sizes[0] * sizes[1], sizes[2])
+    fsdp = f"(1,{sizes[0] * sizes[1]},{sizes[2]})"
     return (
         f"lower --config.data.batch_size (now {config.data.batch_size}); shard parameters and optimizer state over "
         f"the fsdp mesh axis, e.g. --config.mesh='{fsdp}' (now {sizes} as (data, fsdp, tensor)); recompute blocks "
@@ -286,7 +292,7 @@ def table(report: dict[str, Any]) -> str:
     steps = [name for name in ("train", "eval") if report.get(name)]
 
     def cell(section: dict, key: str) -> str:
-        if "error" in section:
+        if "error" in section and key not in ("lowering_s", "compile_s"):
             return "out of memory" if key == "peak_bytes" else "-"
         value = section.get(key)
         if key == "collectives":
