@@ -95,6 +95,10 @@ def target_mesh(config: ml_collections.ConfigDict, target_devices: list) -> jax.
     outermost axis (data) crosses slices."""
     if len({getattr(d, "slice_index", 0) for d in target_devices}) == 1:
         return parallel.make_mesh(config.mesh, devices=target_devices)
+    logging.warning(
+        "several slices: devices in slice order; parallel.make_mesh (jax.make_mesh) cannot order a multi-slice "
+        "device set, so a real multi-slice run needs a hybrid (slice-aware) mesh there as well"
+    )
     sizes = parallel.resolve_mesh_shape(config.mesh, len(target_devices))
     ordered = sorted(target_devices, key=lambda d: (d.slice_index, d.id))
     axis_types = (jax.sharding.AxisType.Auto,) * len(parallel.MESH_AXES)
@@ -115,11 +119,16 @@ def parse_bytes(text: str) -> int:
 def exhausted_need(message: str) -> tuple[int | None, int | None]:
     """(bytes needed, bytes available) from XLA's RESOURCE_EXHAUSTED message, None where it gives none."""
     size = r"([\d.]+[KMGT]i?B?)"
-    needed = re.search(rf"required for [^(]*\({size}\)|Used {size} of|need(?:s|ed)? {size}", message)
-    available = re.search(rf"available \w+ \({size}\)|of {size} hbm", message)
-    first = lambda match: next((g for g in match.groups() if g), None) if match else None  # noqa: E731
-    found = first(needed), first(available)
-    return tuple(None if text is None else parse_bytes(text) for text in found)
+    patterns = (
+        rf"required for [^(]*\({size}\)|Used {size} of|need(?:s|ed)? {size}",
+        rf"available \w+ \({size}\)|of {size} hbm",
+    )
+    found = []
+    for pattern in patterns:
+        match = re.search(pattern, message)
+        text = next((group for group in match.groups() if group), None) if match else None
+        found.append(None if text is None else parse_bytes(text))
+    return found[0], found[1]
 
 
 def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict[str, Any]:
@@ -276,6 +285,20 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str, target: Target
         logging.info("compiling the %s predict step for %s", stage.name, target.label)
         args = (built.trainable, built.frozen, batch_shapes(config, stage, train=False))
         report["eval"] = _compile_step(built.predict, args, target, config.eval.batch_size * images)
+    for step in ("train", "eval"):
+        section = report[step] or {}
+        if "peak_bytes" in section:
+            logging.info(
+                "%s step on %s: peak %s of %s per device, %s FLOP per image (%s), lowering %.1f s, compilation %.1f s",
+                step,
+                target.label,
+                _gib(section["peak_bytes"]),
+                _gib(memory),
+                f"{section['flops_per_image']:.4g}" if section["flops_per_image"] else "unknown",
+                section["flops_source"],
+                section["lowering_s"],
+                section["compile_s"],
+            )
     problem = _misfit(report, config, mesh)
     report["fits"] = problem is None
     os.makedirs(workdir, exist_ok=True)
