@@ -160,6 +160,14 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict
     }
     if memory is None:
         section["peak_bytes"] = None
+    elif target.kind == "cpu":
+        section.update(
+            argument_bytes=memory.argument_size_in_bytes,
+            temp_bytes=memory.temp_size_in_bytes,
+            peak_bytes=None,
+            peak_source="none: XLA:CPU's peak is its arguments, and its temporaries add up every buffer without "
+            "reuse (an upper bound); the memory check is skipped on cpu",
+        )
     else:
         section.update(
             argument_bytes=memory.argument_size_in_bytes,
