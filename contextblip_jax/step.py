@@ -51,13 +51,17 @@ class ModelSpec:
 
 
 def split_model(model: ContextBLIP, trainable: nnx.filterlib.Filter) -> tuple[ModelSpec, Params, Params]:
-    """(spec, trainable params, frozen params) with dotted names; `trainable` selects what trains."""
+    """(spec, trainable params, frozen params) with dotted names; `trainable` selects what trains.
+
+    The values are whatever the variables hold: arrays, or `jax.ShapeDtypeStruct`s for a model built with
+    `nnx.eval_shape` (ahead-of-time compilation needs the split without any weights)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     flat = nnx.to_flat_state(params)
     paths = {dotted_path(path): path for path, _ in flat}
     wanted = {dotted_path(path) for path, _ in nnx.to_flat_state(nnx.state(model, trainable))}
-    trained = {name: var[...] for name, var in ((dotted_path(p), v) for p, v in flat) if name in wanted}
-    frozen = {name: var[...] for name, var in ((dotted_path(p), v) for p, v in flat) if name not in wanted}
+    values = {dotted_path(path): var.get_value() for path, var in flat}
+    trained = {name: value for name, value in values.items() if name in wanted}
+    frozen = {name: value for name, value in values.items() if name not in wanted}
     return ModelSpec(graphdef, rest, paths), trained, frozen
 
 

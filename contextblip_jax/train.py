@@ -22,12 +22,11 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import checkpoint, hostmem, optim, parallel, trainconfig, weights
+from contextblip_jax import aot, checkpoint, hostmem, optim, parallel, programs, targets, trainconfig, weights
 from contextblip_jax.data import inputs
 from contextblip_jax.data.pipeline import make_global_batch
 from contextblip_jax.evaluators import build_evaluators
-from contextblip_jax.models.contextblip import set_remat
-from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
+from contextblip_jax.step import TrainState
 from contextblip_jax.telemetry import Telemetry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
@@ -35,6 +34,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs only).")
+_COMPILE_ONLY = flags.DEFINE_string(
+    "compile_only",
+    None,
+    "Compile the run's train and predict steps for TARGET (cpu, v5e-8, v5litepod-8, v4-8, v5p-16, v6e-8, h100x8, "
+    "2x8xh100, ...; see contextblip_jax/targets.py) without that hardware or data, write W/compile.json and exit "
+    "(non-zero when the config does not fit).",
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --compile_only on a TPU target: the number of slices.")
 
 
 class Preempted:
@@ -105,14 +112,18 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     # ---- Input -------------------------------------------------------------------------------------------
     train_input = inputs.train_input(config, stage)
     iterator = iter(train_input.dataset)
-    batch_sharding = parallel.batch_sharding(mesh)
 
     # ---- Model: a previous checkpoint of this run wins over `config.init` ------------------------------------
     model, origin = weights.initial_model(config)
-    set_remat(model, tuple(config.remat))
     weights.check_resume(workdir, model.config)
     weights.save_model_config(workdir, model)
-    spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
+
+    # ---- Shardings and steps: built as `--compile_only` builds them (programs.py) ----------------------------
+    epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
+    steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps
+    built = programs.build(config, stage, model, mesh, steps_per_epoch)
+    del model
+    trainable, frozen, tx, state_sharding = built.trainable, built.frozen, built.tx, built.state_sharding
     logging.info(
         "model from %s: %d parameters train, %d frozen (pattern %r)",
         origin,
@@ -120,34 +131,11 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
         sum(v.size for v in frozen.values()),
         config.trainable or stage.trainable,
     )
-
-    # ---- Shardings ---------------------------------------------------------------------------------------
-    param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
-    del model
-    epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
-    steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps
-    tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    trainable_sharding = {k: param_sharding[k] for k in trainable}
-    state_sharding = TrainState(
-        step=replicated,
-        trainable=trainable_sharding,
-        frozen={k: param_sharding[k] for k in frozen},
-        opt_state=parallel.optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, mesh),
-    )
     init_state = jax.jit(
         lambda t, f: TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t)), out_shardings=state_sharding
     )
     state = init_state(trainable, frozen)
-
-    # ---- Step --------------------------------------------------------------------------------------------
-    step_fn = make_train_step(spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps)
-    train_step = jax.jit(
-        step_fn,
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
-    )
+    train_step, batch_sharding = built.train_step, built.batch_sharding
 
     # ---- Checkpoint: resume if this workdir has one ----------------------------------------------------------
     checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
@@ -162,7 +150,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
 
     # ---- Evals: built once (each reads its split now), run at every evaluation ---------------------------------
     evaluators = build_evaluators(config, stage, mesh)
-    predict = jax.jit(make_predict_step(spec, stage)) if evaluators else None
+    predict = built.predict if evaluators else None
     best: dict[str, dict] = {}
 
     def evaluate(step: int, state: TrainState) -> None:
@@ -231,12 +219,29 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     hostmem.keep_freed_memory()
+    if _COMPILE_ONLY.value:
+        _compile_only(_CONFIG.value, _WORKDIR.value, _COMPILE_ONLY.value, _NUM_SLICES.value)
+        return
     try:
         result = train(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
         print(json.dumps(result, default=str))
+
+
+def _compile_only(config, workdir: str, target_name: str, num_slices: int) -> None:
+    """`--compile_only`: the report as a table, the JSON path; a config that does not fit exits non-zero."""
+    aot.use_cpu_host()
+    try:
+        report = aot.compile_only(config, workdir, targets.parse(target_name, num_slices))
+    except aot.DoesNotFit as error:
+        print(aot.table(error.report))
+        sys.exit(f"error: {error}")
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    print(aot.table(report))
+    print(f"written: {workdir}/{aot.REPORT_FILE}")
 
 
 if __name__ == "__main__":

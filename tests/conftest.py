@@ -5,6 +5,8 @@ The suite runs on two pytest-xdist workers (`-n 2` in pyproject.toml): most test
 compiler, which uses one core. Tests that share the costly `eight_devices` runs, and the SLURM tests (one local
 cluster), are kept on one worker (`xdist_group`), so that each is built once.
 
+On a machine without a GPU or TPU, JAX_PLATFORMS=cpu is set for the session and its subprocesses.
+
 XLA's persistent compilation cache lives in a fresh folder per session and is inherited by the subprocesses the
 trainer tests start: many tests compile the same tiny programs (parameter initialisers, the same train step), and
 compiling dominates their time on a CPU. For the same reason the suite compiles with LLVM's optimisations off
@@ -15,6 +17,7 @@ Two passes: the default one (`python -m pytest -q`) and `-m long`, the end-to-en
 clusters or whole training runs; CI runs both. `-m slow` holds the full-size checks, run by hand.
 """
 
+import glob
 import os
 import subprocess
 import sys
@@ -27,6 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="contextblip-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+if not os.path.exists("/proc/driver/nvidia") and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+    # No GPU or TPU here: the CPU is what jax would pick anyway, and naming it keeps the deviceless-compilation
+    # wheels (requirements-accelerators.txt) from trying to start a CUDA or TPU backend (a traceback per process).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from tests.runs import ROOT, SUITE_XLA_FLAG, device_env, run_config
 

@@ -1,0 +1,82 @@
+"""The programs a training run executes: its state and batch shardings, the jitted train step and the jitted
+predict step. The trainer and ahead-of-time compilation (`aot.py`, `--compile_only`) both build them here, so
+what is compiled for a TPU slice without the slice is exactly what the run would execute on it: same function,
+shardings, donation, logical-axis rules, dtype, remat and gradient accumulation.
+
+    programs = build(config, stage, model, mesh, steps_per_epoch)   # model: concrete, or from nnx.eval_shape
+    state, metrics = programs.train_step(state, batch)
+    scores = programs.predict(state.trainable, state.frozen, batch)
+
+Imports: the model's remat switch, `optim.py`, `parallel.py`, `step.py` and the stage table; never the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from contextblip_jax import optim, parallel
+from contextblip_jax.models.contextblip import ContextBLIP, set_remat
+from contextblip_jax.stages import Stage
+from contextblip_jax.step import ModelSpec, Params, TrainState, make_predict_step, make_train_step, split_model
+
+
+@dataclasses.dataclass
+class Programs:
+    """A run's jitted steps and what they need. `trainable`/`frozen` hold the model's values: arrays, or
+    `jax.ShapeDtypeStruct`s when the model was built abstractly. `predict` is None for a stage without scores."""
+
+    spec: ModelSpec
+    trainable: Params
+    frozen: Params
+    tx: optax.GradientTransformation
+    state_sharding: TrainState
+    batch_sharding: jax.sharding.NamedSharding
+    train_step: Any
+    predict: Callable | None
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    stage: Stage,
+    model: ContextBLIP,
+    mesh: jax.sharding.Mesh,
+    steps_per_epoch: int,
+) -> Programs:
+    """Splits `model` (after setting the config's remat) and jits the train and predict steps on `mesh`.
+
+    The train step donates its state and returns it with the same shardings; the predict step takes the state's
+    parameters and a batch in the shardings the trainer and its evaluators already give them.
+    """
+    set_remat(model, tuple(config.remat))
+    spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
+    param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
+    tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable_sharding = {k: param_sharding[k] for k in trainable}
+    frozen_sharding = {k: param_sharding[k] for k in frozen}
+    state_sharding = TrainState(
+        step=replicated,
+        trainable=trainable_sharding,
+        frozen=frozen_sharding,
+        opt_state=parallel.optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, mesh),
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+    step_fn = make_train_step(spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    predict = None
+    if stage.evaluates:
+        predict = jax.jit(
+            make_predict_step(spec, stage), in_shardings=(trainable_sharding, frozen_sharding, batch_sharding)
+        )
+    return Programs(spec, trainable, frozen, tx, state_sharding, batch_sharding, train_step, predict)
