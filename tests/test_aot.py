@@ -61,6 +61,7 @@ def check_report(report: dict, workdir, kind: str, devices: int) -> None:
     assert sum(report["eval"]["collectives"].values()) == 0
 
 
+@pytest.mark.long
 @needs_libtpu
 def test_tiny_config_compiles_for_v5e_8(tmp_path):
     report = aot.compile_only(tiny_config(), str(tmp_path), targets.parse("v5litepod-8"))
@@ -71,6 +72,7 @@ def test_tiny_config_compiles_for_v5e_8(tmp_path):
     assert "peak / device" in aot.table(report) and "fits" in aot.table(report)
 
 
+@pytest.mark.long
 @needs_cuda_plugin
 def test_tiny_config_compiles_for_h100x8(tmp_path):
     report = aot.compile_only(tiny_config(), str(tmp_path), targets.parse("h100x8"))
@@ -80,12 +82,14 @@ def test_tiny_config_compiles_for_h100x8(tmp_path):
     assert "n/a" in aot.table(report)
 
 
+@pytest.mark.long
 def test_tiny_config_compiles_for_this_cpu(tmp_path):
     report = aot.compile_only(tiny_config(), str(tmp_path), targets.parse("cpu"))
     assert report["platform"] == "cpu" and report["device_count"] == jax.device_count() and report["fits"]
     assert report["train"]["flops_per_step"] > 0
 
 
+@pytest.mark.long
 @needs_libtpu
 def test_a_config_too_large_for_v5e_4_fails_naming_target_memory_and_remedies(tmp_path):
     """The tiny model with a 64M-token vocabulary (4.3G parameters, replicated with their Adam moments) cannot fit

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.runs import user_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = """
 import resource, sys
@@ -27,7 +29,13 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 
 def faults_per_step(mode: str) -> tuple[str, float]:
     result = subprocess.run(
-        [sys.executable, "-c", STEP, mode], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", STEP, mode],
+        cwd=ROOT,
+        env=user_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     kept, faults = result.stdout.split()
     return kept, float(faults)
@@ -38,4 +46,5 @@ def test_repeated_steps_reuse_their_scratch_memory():
     kept, faults = faults_per_step("keep")
     _, default_faults = faults_per_step("default")
     assert kept == "True"
-    assert default_faults > 1000 and faults < 50, (faults, default_faults)  # glibc default: ~1,300 per step
+    # glibc's default faults 600-1,300 pages in per step on the project's machine (it varies with the load)
+    assert default_faults > 200 and faults < 50, (faults, default_faults)

@@ -16,6 +16,7 @@ from flax import nnx
 from contextblip_jax import losses, stages
 from contextblip_jax.models.config import AdapterConfig
 from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.variants import VARIANTS
 from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
 from contextblip_jax.trainconfig import base_config
 from tests.tiny import tiny_contextblip
@@ -24,8 +25,16 @@ pytestmark = pytest.mark.xdist_group("test_step")  # one worker computes each ca
 
 DESCRIPTIONS = 4
 CANDIDATES = 4
-CONFIG = tiny_contextblip(adapter=AdapterConfig(levels=(2, 4)))
-"""The tiny model; 4 candidates per description instead of 10 keep the steps quick to compile and run."""
+CONFIG = tiny_contextblip(
+    blip=dataclasses.replace(
+        VARIANTS["tiny"].blip,
+        vision=dataclasses.replace(VARIANTS["tiny"].blip.vision, depth=2),
+        text=dataclasses.replace(VARIANTS["tiny"].blip.text, depth=1),
+    ),
+    adapter=AdapterConfig(levels=(1, 2)),
+)
+"""The tiny model cut to 2 vision blocks and 1 text layer, and 4 candidates per description instead of 10: what is
+tested (accumulation, the frozen/trainable split) does not depend on depth, and compiling dominates the time."""
 
 
 def batch(stage: stages.Stage | None = None) -> dict[str, jax.Array]:

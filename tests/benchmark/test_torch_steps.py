@@ -10,6 +10,8 @@ import torch
 from contextblip_jax.benchmark import __main__ as cli
 from contextblip_jax.benchmark import jax_steps, torch_steps
 
+pytestmark = pytest.mark.long  # each compiles a JAX step and runs a torch model
+
 
 @pytest.fixture(params=[("finetune", True), ("zeroshot", False)], ids=["train", "eval"])
 def sides(request):

@@ -102,6 +102,7 @@ def caption_pairs(count: int = 8):
     return jnp.asarray(np.stack(images)), jnp.asarray(ids), jnp.asarray(mask)
 
 
+@pytest.mark.long
 def test_stage_one_loss_decreases_on_generated_captions():
     """50 AdamW steps of stage 1 lower ITM + TMIM, measured on fixed evaluation masks (each training step draws
     new masks and negatives, so single-step losses are noisy). The random BLIP's ITM head is scaled up to
@@ -142,6 +143,7 @@ def test_stage_one_loss_decreases_on_generated_captions():
     assert after[1] < 0.85 * before[1] and after[0] <= before[0]
 
 
+@pytest.mark.long
 def test_remat_changes_memory_policy_not_numbers():
     images, ids, mask, target, _ = candidates_batch()
 
