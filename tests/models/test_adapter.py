@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from contextblip_jax.models.config import AdapterConfig, ContextBLIPConfig
@@ -19,8 +21,15 @@ def params(module) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+@functools.cache
+def abstract_base_model() -> ContextBLIP:
+    """The default (ViT-B/16) model as shapes only, built once: tracing its initialisers takes seconds."""
+    return nnx.eval_shape(lambda: ContextBLIP(ContextBLIPConfig(), rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.xdist_group("abstract_base_model")  # one worker builds it once
 def test_base_parameter_counts_match_the_reference():
-    model = nnx.eval_shape(lambda: ContextBLIP(ContextBLIPConfig(), rngs=nnx.Rngs(0)))
+    model = abstract_base_model()
     assert params(model.adapter) == 2_359_296
     assert params(model.context) == 14_183_424  # two BERT layers + 10 x 768 positions
     assert params(model.head) == 769
@@ -75,9 +84,9 @@ def test_conv_branch_is_off_by_default_and_works_on_patch_subsets():
     assert dataclasses.asdict(config)["adapter"]["conv_kernels"] == (1, 3)
 
 
+@pytest.mark.xdist_group("abstract_base_model")  # one worker builds it once
 def test_default_levels_scale_with_depth():
     assert AdapterConfig().resolved_levels(12) == (3, 6, 9, 12)
     assert AdapterConfig().resolved_levels(24) == (6, 12, 18, 24)
     assert AdapterConfig(levels=(2, 5)).resolved_levels(24) == (2, 5)
-    model = nnx.eval_shape(lambda: ContextBLIP(ContextBLIPConfig(), rngs=nnx.Rngs(0)))
-    assert model.adapter.levels == (3, 6, 9, 12)
+    assert abstract_base_model().adapter.levels == (3, 6, 9, 12)
