@@ -23,6 +23,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from contextblip_jax import parallel
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.layers import MultiHeadAttention
+from tests.runs import device_env
 from tests.tiny import tiny_contextblip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,10 +160,13 @@ def _facts() -> dict:
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_parallel"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "tests.test_parallel"],
+        cwd=ROOT,
+        env=device_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-6000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
