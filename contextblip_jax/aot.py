@@ -9,7 +9,7 @@ naming the target, its memory, the step's need and what to change.
 
     report = compile_only(config, workdir, targets.parse("v5e-8"))
 
-Imports: the model, the run-config helpers, `programs.py`, `parallel.py`, `targets.py` and the benchmark's FLOP
+Imports: the model, the run-config helpers, `programs.py`, `parallel.py`, `targets.py` and `hardware.py`'s FLOP
 count; never the trainer.
 """
 
@@ -28,8 +28,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from contextblip_jax import parallel, programs, trainconfig
-from contextblip_jax.benchmark.jax_steps import step_figures
+from contextblip_jax import hardware, parallel, programs, trainconfig
 from contextblip_jax.data.imagecode import NUM_CANDIDATES
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.stages import Stage
@@ -188,7 +187,7 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     section["flops_per_device_compiled"] = (cost or {}).get("flops")
-    flops = step_figures(jax.jit(jitted.__wrapped__).trace(*args), compiled)["flops_per_step"]
+    flops = hardware.program_flops(jitted.__wrapped__, *args)
     section["flops_per_step"] = flops
     section["flops_per_image"] = flops / images if flops else None
     section["flops_source"] = "XLA:CPU cost analysis of the unpartitioned step (the program's own count)"

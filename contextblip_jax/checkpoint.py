@@ -32,6 +32,19 @@ def restore_params(directory: str) -> dict[str, np.ndarray]:
     return {key: np.asarray(jax.device_get(value)) for key, value in restored.items()}
 
 
+def _whole_replica_writes_on_cpu() -> None:
+    """On CPU devices, each array is written from one replica instead of in slices from all of them.
+
+    Orbax's replica-parallel writing slices every replicated array on the device first, and each slice shape is
+    a program to compile: the tiny model's first save on 8 simulated CPU devices took 12.9 s, against 0.26 s
+    written whole (a CPU copy to host is a memcpy, with nothing to parallelise). Orbax makes the same choice
+    for GPUs itself (from `JAX_PLATFORMS`); TPUs keep its default.
+    """
+    if all(device.platform == "cpu" for device in jax.local_devices()):
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class RunCheckpoints:
     """A run's checkpoints under `W/checkpoints`: the train state and the data iterator's position, saved
     together in one Orbax step (asynchronously, keeping the newest `keep`), so a resumed run continues the
@@ -41,6 +54,7 @@ class RunCheckpoints:
         import grain
 
         self._grain = grain
+        _whole_replica_writes_on_cpu()
         self._manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
             item_names=("state", "data"),

@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from contextblip_jax import optim, parallel
-from contextblip_jax.models.contextblip import ContextBLIP, set_remat
+from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_remat
 from contextblip_jax.stages import Stage
 from contextblip_jax.step import ModelSpec, Params, TrainState, make_predict_step, make_train_step, split_model
 
@@ -48,12 +48,13 @@ def build(
     mesh: jax.sharding.Mesh,
     steps_per_epoch: int,
 ) -> Programs:
-    """Splits `model` (after setting the config's remat) and jits the train and predict steps on `mesh`.
+    """Splits `model` (after setting the config's remat and attention) and jits the train and predict steps on `mesh`.
 
     The train step donates its state and returns it with the same shardings; the predict step takes the state's
     parameters and a batch in the shardings the trainer and its evaluators already give them.
     """
     set_remat(model, tuple(config.remat))
+    set_attention(model, config.attention)
     spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
     param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
     tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)

@@ -23,6 +23,7 @@ from contextblip_jax.data import imagecode
 from contextblip_jax.data.pipeline import DataConfig
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.contextblip import REMAT_TOWERS
+from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 
 def model_dict(config: ContextBLIPConfig) -> dict:
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.logical_rules = ()  # (logical axis, mesh axes) pairs; empty = parallel.DEFAULT_RULES
     c.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
     c.remat = ()  # towers whose blocks are recomputed in the backward pass: ("vision",), ("vision", "text")
+    c.attention = "einsum"  # self-attention: einsum | xla | cudnn (fused, NVIDIA GPUs in bfloat16), models/layers.py
     c.grad_accum_steps = 1  # micro-batches per optimizer step, inside the jitted step
     c.trainable = ""  # regex over dotted parameter paths that train; empty = the stage's default
     c.init = ""  # weights to start from: empty = random; a converted folder, a PyTorch checkpoint, a workdir
@@ -125,6 +127,10 @@ def check(config: ml_collections.ConfigDict) -> stages.Stage:
     unknown = sorted(set(config.remat) - set(REMAT_TOWERS))
     if unknown:
         raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
+    if config.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention {config.attention!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    if config.attention == "cudnn" and config.dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16, not {config.dtype}")
     if config.data.root and not config.data.synthetic and not os.path.isdir(config.data.root):
         raise FileNotFoundError(f"data root {config.data.root} does not exist")
     if config.grad_accum_steps < 1 or config.data.batch_size % config.grad_accum_steps:

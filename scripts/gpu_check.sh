@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The prepared check for a lent NVIDIA GPU (one call, under 8 minutes): the project's own jitted steps at the base
 # preset (ViT-B/16, 224 px, 10 candidates, 64 tokens) in bfloat16, each with XLA's FLOP count, MFU against the
-# data-sheet peak, the compiler's memory estimate and the allocator's real peak, stage 2a and zero-shot scoring
-# beside PyTorch (autocast bf16, eager and torch.compile); then the model and conversion tests on the GPU in
-# float32 at full matmul precision (numerical parity with the PyTorch towers).
+# data-sheet peak, the compiler's memory estimate and the allocator's real peak: stage 2a and zero-shot scoring
+# alone at 16 descriptions, then beside PyTorch (autocast bf16, eager and torch.compile); the other stages as time
+# allows; then the model and conversion tests on the GPU in float32 at full matmul precision (numerical parity
+# with the PyTorch towers).
 #
 #   bash scripts/gpu_check.sh            # JSON lines to $OUT/gpu.jsonl (OUT defaults to ./gpu_out)
 #
@@ -35,19 +36,28 @@ if ! python3 -m contextblip_jax.benchmark --measure=train --preset=tiny --runs=2
   python3 -c "$versions"
 fi
 
-bench() {
-  if ((SECONDS > deadline)); then
+bench() {  # bench SECONDS ARGS...: one benchmark, cut at SECONDS or at the deadline, whichever comes first
+  local limit=$1
+  shift
+  ((limit > deadline - SECONDS)) && limit=$((deadline - SECONDS))
+  if ((limit < 30)); then
     echo "== skipped (time): $*"
     return
   fi
-  echo "== benchmark $*"
-  timeout 300 python3 -m contextblip_jax.benchmark --preset=base --dtype=bfloat16 "$@" 2>"$out/last_stderr.txt" |
-    tee -a "$out/gpu.jsonl" || tail -20 "$out/last_stderr.txt"
+  echo "== benchmark (at most ${limit} s) $*"
+  timeout "$limit" python3 -m contextblip_jax.benchmark --preset=base --dtype=bfloat16 "$@" 2>>"$out/stderr.txt" |
+    tee -a "$out/gpu.jsonl" || grep -E "jax:|torch|timing|Error|error" "$out/stderr.txt" | tail -12
 }
-bench --measure=train --stage=finetune --descriptions=16 --runs=15 --compare=torch,torch_compile
-bench --measure=eval --stage=zeroshot --descriptions=16 --runs=15 --compare=torch,torch_compile
-bench --measure=train --stage=context --descriptions=16 --runs=15
-bench --measure=train --stage=pretrain --descriptions=128 --runs=15
+# JAX alone first (each phase's time goes to stderr.txt), then PyTorch beside it at 8 descriptions (80 images):
+# the frameworks' activations share the GPU's memory. On 2026-11-27 a 300 s limit ended the first PyTorch
+# comparison before it printed anything, so the costly ones come last.
+bench 150 --measure=train --stage=finetune --descriptions=16 --runs=30
+bench 90 --measure=eval --stage=zeroshot --descriptions=16 --runs=20
+bench 200 --measure=train --stage=finetune --descriptions=8 --runs=20 --compare=torch
+bench 200 --measure=eval --stage=zeroshot --descriptions=8 --runs=20 --compare=torch,torch_compile
+bench 300 --measure=train --stage=finetune --descriptions=8 --runs=20 --compare=torch,torch_compile
+bench 120 --measure=train --stage=context --descriptions=16 --runs=15
+bench 150 --measure=train --stage=pretrain --descriptions=128 --runs=15
 
 if ((SECONDS < deadline)); then
   echo "== parity: tests/models and tests/convert on the GPU, float32, highest matmul precision"

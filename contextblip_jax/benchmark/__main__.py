@@ -34,7 +34,7 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from contextblip_jax import hardware, hostmem, stages
 from contextblip_jax.benchmark.jax_steps import (
@@ -47,6 +47,7 @@ from contextblip_jax.benchmark.jax_steps import (
     random_batch,
 )
 from contextblip_jax.models.contextblip import REMAT_TOWERS
+from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 FRAMEWORKS = ("torch", "torch_compile")
 
@@ -60,6 +61,9 @@ _TEXT_LENGTH = flags.DEFINE_integer(
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
 _REMAT = flags.DEFINE_list("remat", [], f"Towers recomputed in the backward pass, from {REMAT_TOWERS}.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "einsum", list(ATTENTION_IMPLEMENTATIONS), "Self-attention of the JAX towers (models/layers.py)."
+)
 _COMPARE = flags.DEFINE_list("compare", [], f"PyTorch variants timed beside JAX, from {FRAMEWORKS}.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed calls; median, min and max are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
@@ -98,6 +102,7 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
         sides[name] = torch_steps.prepare(setup, batch, params, compile_model=name == "torch_compile")
         differences[name] = agreement(name, jax_side, sides[name], setup.train, setup.dtype)
     del params
+    logging.info("timing %s in turns: %d warm-up and %d timed calls each", list(sides), _WARMUP.value, _RUNS.value)
     times = interleaved_times([side.call for side in sides.values()], _RUNS.value, _WARMUP.value)
     peak, peak_source = hardware.peak_tflops(setup.dtype)
     memory, memory_source = hardware.peak_memory_bytes()
@@ -125,6 +130,7 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
                 "peak_memory_source": memory_source + (" (all frameworks of the run)" if len(sides) > 1 else ""),
                 "difference_vs_jax": differences.get(name),
                 "remat": list(setup.remat),
+                "attention": setup.attention if name == "jax" else None,
             }
         )
     if "torch" in sides:
@@ -157,6 +163,7 @@ def main(argv: list[str]) -> None:
         candidates=_CANDIDATES.value,
         text_length=_TEXT_LENGTH.value,
         remat=tuple(_REMAT.value),
+        attention=_ATTENTION.value,
     )
     common = {
         "preset": setup.preset,

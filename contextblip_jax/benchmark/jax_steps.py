@@ -14,11 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
-from contextblip_jax import optim, stages
+from contextblip_jax import hardware, optim, stages
 from contextblip_jax.models.config import ContextBLIPConfig
-from contextblip_jax.models.contextblip import ContextBLIP, set_remat
+from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_remat
 from contextblip_jax.models.variants import VARIANTS
 from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
 from contextblip_jax.trainconfig import base_config
@@ -44,6 +45,7 @@ class Setup:
     candidates: int = 10
     text_length: int = 64
     remat: tuple[str, ...] = ()
+    attention: str = "einsum"
 
     @property
     def config(self) -> ContextBLIPConfig:
@@ -114,14 +116,9 @@ def random_batch(setup: Setup) -> dict[str, np.ndarray]:
     return {name: fields[name] for name in setup.stage_row.batch_fields}
 
 
-def step_figures(traced: Any, compiled: Any) -> dict[str, Any]:
-    """FLOPs per step and the compiler's memory estimate (None where the backend gives none).
-
-    FLOPs are XLA's cost analysis of the program lowered for the CPU, whatever the device: the count is the
-    program's, and on GPUs the compiled program's matrix products are library calls that the GPU's cost analysis
-    leaves out (an H100 reported 1.6 TFLOP for a base finetune step of 160 images; the CPU count is 26)."""
-    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+def step_figures(fn: Callable[..., Any], args: tuple[Any, ...], compiled: Any) -> dict[str, Any]:
+    """FLOPs per step of `fn(*args)` (`hardware.program_flops`: the program's count, lowered for the CPU whatever
+    the device) and the compiler's memory estimate for `compiled` (None where the backend gives none)."""
     memory = compiled.memory_analysis()
     estimate = None
     if memory is not None:
@@ -131,15 +128,18 @@ def step_figures(traced: Any, compiled: Any) -> dict[str, Any]:
             + memory.temp_size_in_bytes
             - memory.alias_size_in_bytes
         )
-    return {"flops_per_step": (cost or {}).get("flops"), "estimated_memory_bytes": estimate}
+    return {"flops_per_step": hardware.program_flops(fn, *args), "estimated_memory_bytes": estimate}
 
 
 def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = False) -> tuple[Prepared, dict]:
     """The stage's jitted step on a fresh random model, compiled and called once; and, with `keep_params`, the
     model's initial parameters as numpy arrays (dotted names) for another framework to start from."""
     stage = setup.stage_row
+    began = time.perf_counter()
     model = ContextBLIP(setup.config, dtype=jnp.dtype(setup.dtype), rngs=nnx.Rngs(0))
+    logging.info("jax: %s model built in %.1f s", setup.preset, time.perf_counter() - began)
     set_remat(model, setup.remat)
+    set_attention(model, setup.attention)
     spec, trainable, frozen = split_model(model, stage.trainable_filter())
     params = {name: np.array(value) for name, value in {**trainable, **frozen}.items()} if keep_params else {}
     device_batch = {name: jnp.asarray(value) for name, value in batch.items()}
@@ -147,9 +147,9 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
     if setup.train:
         tx = optim.build_optimizer(run_config.optimizer, trainable, steps_per_epoch=1000)
         state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
-        traced = jax.jit(make_train_step(spec, stage, run_config.loss, tx, seed=0), donate_argnums=(0,)).trace(
-            state, device_batch
-        )
+        fn, args = make_train_step(spec, stage, run_config.loss, tx, seed=0), (state, device_batch)
+        traced = jax.jit(fn, donate_argnums=(0,)).trace(*args)
+        figures_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)  # state is donated
         start = time.perf_counter()
         compiled = traced.lower().compile()
         compile_s = time.perf_counter() - start
@@ -160,7 +160,8 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
             return metrics["loss"]
 
     else:
-        traced = jax.jit(make_predict_step(spec, stage)).trace(trainable, frozen, device_batch)
+        fn, figures_args = make_predict_step(spec, stage), (trainable, frozen, device_batch)
+        traced = jax.jit(fn).trace(*figures_args)
         start = time.perf_counter()
         compiled = traced.lower().compile()
         compile_s = time.perf_counter() - start
@@ -168,8 +169,14 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
         def call() -> Any:
             return compiled(trainable, frozen, device_batch)
 
+    logging.info("jax: step compiled in %.1f s", compile_s)
+    start = time.perf_counter()
     first = np.asarray(call())
-    return Prepared(call, compile_s, first, step_figures(traced, compiled)), params
+    logging.info("jax: first call %.1f s", time.perf_counter() - start)
+    start = time.perf_counter()
+    figures = step_figures(fn, figures_args, compiled)
+    logging.info("jax: cost and memory analysis %.1f s: %s", time.perf_counter() - start, figures)
+    return Prepared(call, compile_s, first, figures), params
 
 
 def adapter_times(setup: Setup, runs: int, warmup: int) -> list[list[float]]:

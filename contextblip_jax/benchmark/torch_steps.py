@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
+from absl import logging
 from torch import nn
 
 from contextblip_jax.convert.mapping import blip_rules
@@ -185,12 +186,15 @@ def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np
             f"--stage=zeroshot; got {'train' if setup.train else 'eval'} --stage={setup.stage}"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    began = time.perf_counter()
     model = TorchContextBLIP(setup.config).to(device).eval()
     model.load_jax(setup.config, params)  # copies into the parameters already on `device`
+    logging.info("torch: model built with the JAX weights on %s in %.1f s", device, time.perf_counter() - began)
     tensors = {name: torch.from_numpy(np.asarray(value)).to(device) for name, value in batch.items()}
     dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
     call = make_torch_step(model, tensors, base_config().optimizer, setup.train, dtype, compile_model)
     start = time.perf_counter()
     first = call().float().cpu().numpy()
     first_call_s = time.perf_counter() - start
+    logging.info("torch%s: first call %.1f s", " (compiled)" if compile_model else "", first_call_s)
     return Prepared(call, first_call_s if compile_model else 0.0, first, {})

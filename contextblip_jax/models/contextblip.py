@@ -25,7 +25,7 @@ from contextblip_jax.models.adapter import MultiLevelAdapter
 from contextblip_jax.models.blip import BlipRetrieval, l2_normalize
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.context import InterContextEncoder, ScoringHead
-from contextblip_jax.models.layers import Dense, dotted_path, redraw_fan_in
+from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dotted_path, redraw_fan_in
 from contextblip_jax.models.text import TextOutput
 from contextblip_jax.models.tmim import (
     TMIMDecoder,
@@ -53,6 +53,20 @@ def set_remat(model: ContextBLIP, towers: list[str] | tuple[str, ...]) -> None:
         raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
     model.blip.vision.remat = "vision" in towers
     model.blip.text.remat = "text" in towers
+
+
+def set_attention(model: ContextBLIP, implementation: str) -> None:
+    """Computes the self-attention of both towers with `implementation` (`layers.ATTENTION_IMPLEMENTATIONS`).
+
+    Cross-attention keeps the explicit product: TMIM chooses its mask from the cross-attention probabilities.
+    Like remat, a runtime choice with the same parameters, so it is set on a built model.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    for block in model.blip.vision.blocks:
+        block.attn.implementation = implementation
+    for layer in model.blip.text.layers:
+        layer.self_attn.implementation = implementation
 
 
 class ContextBLIP(nnx.Module):

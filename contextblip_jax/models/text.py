@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contextblip_jax.models.config import TextConfig
-from contextblip_jax.models.layers import DEFAULT_INIT, Dense, MultiHeadAttention, activation, layer_norm
+from contextblip_jax.models.layers import DEFAULT_INIT, Dense, Draws, MultiHeadAttention, activation, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TextEmbeddings(nnx.Module):
             dtype=dtype,
             param_dtype=jnp.float32,
             embedding_init=nnx.with_partitioning(DEFAULT_INIT, ("vocab", "embed"), eager_sharding=False),
-            rngs=rngs,
+            rngs=Draws(rngs, 1),  # type: ignore[arg-type]
         )
         self.position = nnx.Embed(
             config.max_positions,
@@ -48,7 +48,7 @@ class TextEmbeddings(nnx.Module):
             dtype=dtype,
             param_dtype=jnp.float32,
             embedding_init=nnx.with_partitioning(DEFAULT_INIT, (None, "embed"), eager_sharding=False),
-            rngs=rngs,
+            rngs=Draws(rngs, 1),  # type: ignore[arg-type]
         )
         self.norm = layer_norm(config.width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
