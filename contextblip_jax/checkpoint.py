@@ -10,12 +10,22 @@ Imports: Orbax and grain only.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+T = TypeVar("T")
+
+
+class DamagedCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be read: the run stops rather than start again from scratch."""
 
 
 def save_params(directory: str, params: Mapping[str, np.ndarray]) -> None:
@@ -32,6 +42,7 @@ def restore_params(directory: str) -> dict[str, np.ndarray]:
     return {key: np.asarray(jax.device_get(value)) for key, value in restored.items()}
 
 
+@functools.cache  # once per process: Orbax logs a warning at every registration
 def _whole_replica_writes_on_cpu() -> None:
     """On CPU devices, each array is written from one replica instead of in slices from all of them.
 
@@ -77,6 +88,58 @@ class RunCheckpoints:
             state=ocp.args.StandardRestore(abstract_state), data=self._grain.checkpoint.CheckpointRestore(iterator)
         )
         return self._manager.restore(step, args=args)["state"]
+
+    def restore_latest(self, abstract_state: object, iterator: object) -> tuple[int, object] | None:
+        """(step, train state) of the newest checkpoint that reads back whole, `iterator` repositioned to it; None
+        when there is no checkpoint. A damaged newer one is named in a warning and moved aside to
+        `checkpoints/damaged-STEP-TIME` (kept for inspection; Orbax would otherwise refuse to save that step again
+        or count it among the kept ones). When every checkpoint is damaged, `DamagedCheckpointError` says why
+        for each, and nothing is moved."""
+        found = self._newest_intact(lambda step: self.restore(step, abstract_state, iterator))
+        if found is not None and found[2]:
+            self._set_aside(found[2])
+        return None if found is None else found[:2]
+
+    def latest_params(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """(step, parameters) of the newest checkpoint whose parameters read back (`restore_params`), None when
+        there is no checkpoint; damaged newer ones are named in a warning and left where they are (this reads
+        another run's workdir)."""
+        found = self._newest_intact(self.restore_params)
+        return None if found is None else found[:2]
+
+    def _newest_intact(self, read: Callable[[int], T]) -> tuple[int, T, list[int]] | None:
+        """(step, what `read` returned, the newer steps that failed), trying the newest step first."""
+        failures = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return step, read(step), [failed for failed, _ in failures]
+            except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                logging.warning(
+                    "checkpoint %d in %s is damaged (%s); trying an older one", step, self.directory, reason
+                )
+                failures.append((step, reason))
+        if failures:
+            listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise DamagedCheckpointError(
+                f"no checkpoint in {self.directory} reads back ({listed}). Nothing was moved or deleted; to start "
+                f"this run from scratch, move {self.directory} away"
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                target = os.path.join(self.directory, f"damaged-{step}-{stamp}")
+                os.rename(os.path.join(self.directory, str(step)), target)
+                logging.warning("moved the damaged checkpoint %d to %s", step, target)
+        ocp.multihost.sync_global_processes("contextblip_damaged_checkpoints_moved")
+        self._manager.reload()
+
+    @property
+    def directory(self) -> str:
+        return str(self._manager.directory)
 
     def restore_params(self, step: int) -> dict[str, np.ndarray]:
         """Every parameter saved at `step` (trainable and frozen, by dotted path) as host arrays, whatever mesh

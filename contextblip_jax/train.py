@@ -139,12 +139,12 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
 
     # ---- Checkpoint: resume if this workdir has one ----------------------------------------------------------
     checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
-    start = checkpoints.latest_step()
-    if start is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-        state = checkpoints.restore(start, abstract, iterator)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+    resumed = checkpoints.restore_latest(abstract, iterator)  # the newest intact one; damaged ones are named
+    start = 0
+    if resumed is not None:
+        start, state = resumed
         logging.info("resumed from step %d", start)
-    start = int(start or 0)
     telemetry = Telemetry(workdir, config.total_steps)
     telemetry.truncate_after(start)
 

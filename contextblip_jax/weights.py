@@ -26,19 +26,20 @@ MODEL_CONFIG_FILE = directory.CONFIG_FILE
 
 
 def run_params(workdir: str) -> tuple[ContextBLIPConfig, dict[str, np.ndarray], int] | None:
-    """The architecture, latest parameters and their step of the training run in `workdir`; None if it has no
-    checkpoint."""
+    """The architecture, newest intact parameters and their step of the training run in `workdir`; None if it
+    has no checkpoint (damaged newer checkpoints are named in a warning; `checkpoint.DamagedCheckpointError`
+    when none reads back)."""
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     if not os.path.exists(path):
         return None
     checkpoints = checkpoint.RunCheckpoints(workdir)
     try:
-        step = checkpoints.latest_step()
-        if step is None:
-            return None
-        params = checkpoints.restore_params(step)
+        found = checkpoints.latest_params()  # the newest intact one; damaged ones are named
     finally:
         checkpoints.close()
+    if found is None:
+        return None
+    step, params = found
     with open(path) as f:
         config = ContextBLIPConfig.from_json(f.read())
     return config, params, step

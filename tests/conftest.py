@@ -46,6 +46,7 @@ SHARED_FIXTURE_GROUPS = {"eight_devices": "eight_devices", "cluster": "eight_dev
 once. Without a group, xdist spreads a module's tests over both workers and each builds the fixture again."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into worker assignments
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         names = getattr(item, "fixturenames", ())
@@ -69,14 +70,14 @@ def data_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
     """One process with 8 simulated CPU devices trains the tiny model on meshes (8,1,1) for 3 steps, (2,4,1) and
-    (2,2,2) for 1 step each, checkpointing every step; {mesh: workdir}. The reference of the sharding, multi-process
-    and SLURM tests."""
+    (2,2,2) for 1 step each, checkpointing every step and evaluating nothing; {mesh: workdir}. The reference of
+    the sharding, multi-process and SLURM tests, which compare train losses and parameters."""
     base = tmp_path_factory.mktemp("eight")
     meshes = {"(8,1,1)": 3, "(2,4,1)": 1, "(2,2,2)": 1}
     workdirs = {mesh: str(base / mesh.strip("()").replace(",", "")) for mesh in meshes}
     script = "from contextblip_jax import train\nfrom tests.runs import run_config\n" + "".join(
         f"train.train(run_config({data_root!r}, total_steps={steps}, log_every=1, checkpoint_every=1, "
-        f"keep_checkpoints=3, mesh={mesh}), {workdirs[mesh]!r})\n"
+        f"keep_checkpoints=3, mesh={mesh}, eval__splits=()), {workdirs[mesh]!r})\n"
         for mesh, steps in meshes.items()
     )
     env = device_env(8)

@@ -1,13 +1,17 @@
-"""A run's checkpoints in-process: the train state and the data iterator's position survive a round trip."""
+"""A run's checkpoints in-process: the train state and the data iterator's position survive a round trip, and a
+damaged checkpoint is named and passed over for the newest intact one."""
 
 from __future__ import annotations
+
+import shutil
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from contextblip_jax.checkpoint import RunCheckpoints
+from contextblip_jax.checkpoint import DamagedCheckpointError, RunCheckpoints
 from contextblip_jax.step import TrainState
 
 
@@ -57,3 +61,90 @@ def test_only_the_newest_are_kept(tmp_path):
         checkpoints.save(step, state(float(step)), data)
     checkpoints.close()
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+
+
+def two_checkpoints(root) -> list:
+    """Steps 1 and 2 of a run (states scaled 1 and 2), and the batches that follow each step's data position."""
+    data, following = iterator(), []
+    checkpoints = RunCheckpoints(str(root), keep=3)
+    for step in (1, 2):
+        next(data)
+        checkpoints.save(step, state(float(step)), data)
+        following.append(next(iter_copy(data)))
+    checkpoints.close()
+    return following
+
+
+def iter_copy(data):
+    copy = iterator()
+    copy.set_state(data.get_state())
+    return copy
+
+
+def array_files(step_dir) -> list:
+    return [p for p in step_dir.glob("state/**/d/*") if p.is_file()]
+
+
+def truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated arrays": lambda step: [truncate(p) for p in array_files(step)],
+    "deleted arrays": lambda step: [p.unlink() for p in array_files(step)],
+    "garbled metadata": lambda step: (step / "state" / "_METADATA").write_text("{not json"),
+    "garbled data position": lambda step: next(step.glob("data/*.json")).write_bytes(b"\0garbage"),
+}
+
+
+def abstract() -> TrainState:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0.0))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_one_before_restored(tmp_path, damage, caplog):
+    following = two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    DAMAGE[damage](folder / "2")
+    checkpoints = RunCheckpoints(str(tmp_path))
+    data = iterator()
+    step, restored = checkpoints.restore_latest(abstract(), data)
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, restored, state(1.0))
+    np.testing.assert_array_equal(next(data), following[0])  # the data position is step 1's too
+    assert any("checkpoint 2" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    aside = [p.name for p in folder.iterdir() if p.name.startswith("damaged-2-")]
+    assert len(aside) == 1 and not (folder / "2").exists()  # kept for inspection, out of Orbax's way
+    checkpoints.save(2, state(5.0), data)  # the step can be written again
+    checkpoints.close()
+    assert RunCheckpoints(str(tmp_path)).latest_step() == 2
+
+
+def test_a_half_written_temporary_folder_is_ignored_and_left_alone(tmp_path):
+    two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(folder / "2", folder / "3.orbax-checkpoint-tmp")
+    truncate(array_files(folder / "3.orbax-checkpoint-tmp")[0])
+    step, restored = RunCheckpoints(str(tmp_path)).restore_latest(abstract(), iterator())
+    assert step == 2
+    jax.tree.map(np.testing.assert_array_equal, restored, state(2.0))
+    assert (folder / "3.orbax-checkpoint-tmp").is_dir()
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_naming_each_and_moves_nothing(tmp_path):
+    two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    DAMAGE["garbled metadata"](folder / "2")
+    DAMAGE["deleted arrays"](folder / "1")
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(DamagedCheckpointError, match=r"step 2: .*step 1: .*move .* away"):
+        RunCheckpoints(str(tmp_path)).restore_latest(abstract(), iterator())
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_parameters_for_a_next_stage_come_from_the_newest_intact_checkpoint_and_nothing_moves(tmp_path):
+    two_checkpoints(tmp_path)
+    DAMAGE["truncated arrays"](tmp_path / "checkpoints" / "2")
+    step, params = RunCheckpoints(str(tmp_path)).latest_params()
+    assert step == 1 and (tmp_path / "checkpoints" / "2").is_dir()
+    np.testing.assert_array_equal(params["head.proj.kernel"], np.arange(6.0).reshape(3, 2))

@@ -7,6 +7,7 @@ SIGTERM, several processes, 8 simulated devices, and the command lines themselve
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -48,7 +49,7 @@ def test_sigterm_saves_exits_zero_and_a_new_process_resumes_bitwise(tmp_path, da
     workdir = tmp_path / "preempted"
     process = subprocess.Popen(
         train_command(workdir, data_root, "--config.total_steps=100000", "--config.log_every=1",
-                      "--config.checkpoint_every=100000"),
+                      "--config.checkpoint_every=100000", "--config.eval.splits=()"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 300
@@ -62,15 +63,39 @@ def test_sigterm_saves_exits_zero_and_a_new_process_resumes_bitwise(tmp_path, da
     assert steps == [interrupted] and interrupted >= 3
 
     total = interrupted + 8
-    resumed = run(train_command(workdir, data_root, f"--config.total_steps={total}", "--config.log_every=1"))
+    resumed = run(
+        train_command(
+            workdir, data_root, f"--config.total_steps={total}", "--config.log_every=1", "--config.eval.splits=()"
+        )
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {interrupted}" in resumed.stderr
-    train.train(run_config(data_root, total_steps=total, log_every=1), str(tmp_path / "straight"))
+    train.train(run_config(data_root, total_steps=total, log_every=1, eval__splits=()), str(tmp_path / "straight"))
     expected, got = train_losses(tmp_path / "straight"), train_losses(workdir)
     assert sorted(got) == list(range(1, total + 1))
     for step in range(1, total + 1):
         assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise
     assert len({expected[s] for s in range(interrupted + 1, total + 1)}) > 1  # the losses really move
+
+
+@pytest.mark.long
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, data_root, caplog):
+    """Checkpoints 1 and 2, then step 2's arrays truncated: the same run resumes from step 1, sets step 2 aside
+    for inspection, and computes step 2 again to the same loss bit for bit."""
+    caplog.set_level(logging.INFO)
+    workdir = str(tmp_path / "w")
+    config = run_config(data_root, total_steps=2, log_every=1, checkpoint_every=1, keep_checkpoints=3, eval__splits=())
+    train.train(config, workdir)
+    first = train_losses(workdir)
+    for path in (tmp_path / "w" / "checkpoints" / "2").glob("state/**/d/*"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    config.total_steps = 3
+    train.train(config, workdir)
+    again = train_losses(workdir)
+    assert any("checkpoint 2" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert any("resumed from step 1" in r.getMessage() for r in caplog.records)
+    assert sorted(again) == [1, 2, 3] and again[2] == first[2]
+    assert [p for p in os.listdir(tmp_path / "w" / "checkpoints") if p.startswith("damaged-2-")]
 
 
 @pytest.mark.long
@@ -165,7 +190,7 @@ def test_sharded_step_equals_one_device(tmp_path, data_root, eight_devices):
     """One train step on 8 simulated devices, meshes (8,1,1), (2,4,1), (2,2,2): loss and updated parameters of
     the 1-device run within 1e-5."""
     single = str(tmp_path / "single")
-    train.train(run_config(data_root, total_steps=1, log_every=1), single)
+    train.train(run_config(data_root, total_steps=1, log_every=1, eval__splits=()), single)
     loss, params = train_losses(single)[1], step_one_params(single)
     for mesh, workdir in eight_devices.items():
         assert abs(train_losses(workdir)[1] - loss) <= 1e-5 * max(1.0, abs(loss)), mesh
@@ -181,7 +206,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, data_root,
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = device_env(4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    flags = ("--config.total_steps=3", "--config.log_every=1", "--config.mesh=(8,1,1)",
+    flags = ("--config.total_steps=3", "--config.log_every=1", "--config.mesh=(8,1,1)", "--config.eval.splits=()",
              f"--coordinator=localhost:{port}", "--num_processes=2")  # fmt: skip
     commands = [train_command(tmp_path / "multi", data_root, *flags, f"--process_id={i}") for i in range(2)]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}

@@ -70,12 +70,22 @@ def write_converted(
 
 
 def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """(architecture, parameters, metadata) of a converted folder; the metadata says which model it holds."""
-    metadata = read_metadata(path)
-    config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = config_class.from_json(f.read())
-    return config, checkpoint.restore_params(os.path.join(path, PARAMS_DIR)), metadata
+    """(architecture, parameters, metadata) of a converted folder; the metadata says which model it holds.
+    A folder that does not read back whole (truncated or missing arrays, garbled JSON) is a
+    `DamagedCheckpointError` naming the folder and what failed."""
+    try:
+        metadata = read_metadata(path)
+        config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            config = config_class.from_json(f.read())
+        params = checkpoint.restore_params(os.path.join(path, PARAMS_DIR))
+    except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        raise checkpoint.DamagedCheckpointError(
+            f"the converted weights in {path} do not read back ({reason}); convert them again "
+            "(python -m contextblip_jax.convert)"
+        ) from error
+    return config, params, metadata
 
 
 def read_metadata(path: str) -> dict[str, Any]:

@@ -33,6 +33,8 @@ def _parse_entry(entry: Any, index: int, path: str) -> tuple[str, list[str]]:
     image = entry.get("image")
     if not isinstance(image, str) or not image.strip():
         raise DataError(path, f"caption entry without an image (image = {image!r:.60})", where)
+    if os.path.isabs(image) or ".." in image.replace("\\", "/").split("/") or "\0" in image:
+        raise DataError(path, f"image {image!r:.80} is not a path inside the image root", where)
     caption = entry.get("caption")
     captions = caption if isinstance(caption, list) else [caption]
     if not captions or not all(isinstance(c, str) and c.strip() for c in captions):

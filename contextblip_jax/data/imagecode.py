@@ -114,6 +114,12 @@ def _parse_description(text: Any, path: str, set_name: str) -> str:
     return text.strip()
 
 
+def is_plain_name(name: str) -> bool:
+    """A single folder name: no separators, no `.` or `..`, no NUL; a set named `../x` or `/etc` would make the
+    reader open files outside the dataset."""
+    return name not in (".", "..") and not any(c in name for c in ("/", "\\", "\0")) and not os.path.isabs(name)
+
+
 def parse_annotations(data: Any, path: str, split: str, policy: ErrorPolicy) -> list[Annotation]:
     """Validates a loaded split file: labelled splits map targets to descriptions, test lists descriptions.
 
@@ -127,6 +133,10 @@ def parse_annotations(data: Any, path: str, split: str, policy: ErrorPolicy) -> 
     for set_name, entries in data.items():
         if not isinstance(set_name, str) or not set_name.strip():
             policy.handle(DataError(path, f"set name {set_name!r} is not a non-empty string"))
+            continue
+        if not is_plain_name(set_name):
+            problem = f"set name {set_name!r} is not a plain folder name (it would leave {IMAGE_DIR}/)"
+            policy.handle(DataError(path, problem))
             continue
         expected = dict if labelled else list
         if not isinstance(entries, expected) or not entries:

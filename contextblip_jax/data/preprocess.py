@@ -29,6 +29,18 @@ FIRST_TOKENS = ("enc", "cls")
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 JPEG_MAGIC = b"\xff\xd8\xff"
+MAX_PIXELS = 50_000_000
+"""Images declaring more pixels are refused from their header, before decoding: a few-kilobyte file can claim
+65535×65535 (12.9 GB as RGB). About 7,000×7,000; ImageCoDe's photos and video frames are far smaller."""
+
+
+def check_pixel_count(image: Image.Image, path: str, set_name: str | None = None) -> None:
+    """Refuses an opened (not yet decoded) image whose header declares more than `MAX_PIXELS` pixels."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise DataError(
+            path, f"declares {width}x{height} = {width * height:,} pixels, over the limit of {MAX_PIXELS:,}", set_name
+        )
 
 
 def default_vocab_path() -> str:
@@ -91,7 +103,9 @@ def normalize_image(image: Image.Image, size: int) -> np.ndarray:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
+    """Any image file PIL reads, normalised as `normalize_image`; too many pixels are refused before decoding."""
     with Image.open(path) as image:
+        check_pixel_count(image, path)
         return normalize_image(image, size)
 
 
@@ -111,6 +125,7 @@ def decode_jpeg(data: bytes, path: str, set_name: str | None = None, draft_size:
         raise DataError(path, f"not a JPEG file (starts with {data[:4]!r})", set_name)
     try:
         image = Image.open(io.BytesIO(data))
+        check_pixel_count(image, path, set_name)
         if draft_size:
             image.draft("RGB", (draft_size, draft_size))
         image.load()

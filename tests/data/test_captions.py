@@ -50,6 +50,9 @@ def test_groups_captions_per_image_in_first_appearance_order(caption_folder):
         ({"image": "a.jpg", "caption": ["ok", ""]}, "caption must be a non-empty text"),
         ("just a string", "expected an object"),
         ({"image": "missing.jpg", "caption": "x"}, "image not found"),
+        ({"image": "../a.jpg", "caption": "x"}, "not a path inside the image root"),
+        ({"image": "sub/../../a.jpg", "caption": "x"}, "not a path inside the image root"),
+        ({"image": "/etc/passwd", "caption": "x"}, "not a path inside the image root"),
     ],
 )
 def test_bad_entries_are_named_or_skipped(caption_folder, entry, message):

@@ -132,6 +132,18 @@ def test_bad_input_names_file_and_set_or_is_skipped_and_counted(tmp_path, caplog
     assert "skipped 1 damaged example(s)" in caplog.text and message.split(" ")[0] in caplog.text
 
 
+@pytest.mark.parametrize("name", ["../outside", "/etc", "a/b", "..", ".", "sub\\dir", "nul\0byte"])
+def test_a_set_name_that_leaves_the_image_folder_is_refused_before_any_file_is_opened(tmp_path, name, monkeypatch):
+    root = _good(str(tmp_path))
+    write_split(root, "train_data.json", {"MSR-VTT-good": {"2": "kept"}, name: {"4": "escape"}})
+    opened = []
+    monkeypatch.setattr(imagecode, "list_set_images", lambda r, n: opened.append(n) or [])
+    with pytest.raises(DataError, match="not a plain folder name"):
+        imagecode.read_split(root, "train")
+    assert name not in opened
+    assert not imagecode.is_plain_name(name) and imagecode.is_plain_name("open-images-2_bad")
+
+
 @pytest.mark.parametrize("content", ["{not json", '["a", "b"]', "\xff\xfe"])
 def test_malformed_file_is_an_error_naming_it_even_when_skipping(tmp_path, content):
     root = _good(str(tmp_path))

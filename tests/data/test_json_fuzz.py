@@ -19,7 +19,14 @@ json_values = st.recursive(
     max_leaves=16,
 )
 descriptions = st.text(min_size=1, max_size=30).filter(str.strip)
-set_names = st.text(min_size=1, max_size=20).filter(str.strip)
+
+
+def inside_root(image: str) -> bool:
+    """A relative path without `..` or NUL: what the caption reader accepts as an image under its root."""
+    return not os.path.isabs(image) and ".." not in image.replace("\\", "/").split("/") and "\0" not in image
+
+
+set_names = st.text(min_size=1, max_size=20).filter(str.strip).filter(imagecode.is_plain_name)
 labelled_files = st.dictionaries(
     set_names,
     st.dictionaries(st.sampled_from([str(i) for i in range(10)]), descriptions, min_size=1, max_size=3),
@@ -29,7 +36,7 @@ test_files = st.dictionaries(set_names, st.lists(descriptions, min_size=1, max_s
 caption_files = st.lists(
     st.fixed_dictionaries(
         {
-            "image": st.text(min_size=1, max_size=20).filter(str.strip),
+            "image": st.text(min_size=1, max_size=20).filter(str.strip).filter(inside_root),
             "caption": descriptions | st.lists(descriptions, min_size=1, max_size=3),
         }
     ),
@@ -66,7 +73,7 @@ def check_annotations(data: object, split: str, on_error: str) -> None:
         assert "f.json" in str(error)
         return
     for a in parsed:
-        assert isinstance(a.set_name, str) and a.set_name.strip()
+        assert isinstance(a.set_name, str) and a.set_name.strip() and imagecode.is_plain_name(a.set_name)
         assert isinstance(a.description, str) and a.description.strip() == a.description and a.description
         assert (0 <= a.target <= 9) if split == "train" else a.target is None
 
@@ -79,6 +86,7 @@ def check_captions(data: object, on_error: str) -> None:
         return
     for image, texts in parsed:
         assert isinstance(image, str) and image and texts and all(isinstance(t, str) and t for t in texts)
+        assert inside_root(image)
 
 
 @settings(max_examples=150, deadline=None)

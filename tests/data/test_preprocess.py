@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from contextblip_jax.data import preprocess
+from contextblip_jax.data.errors import DataError
 from contextblip_jax.data.preprocess import BlipTokenizer
 
 
@@ -90,3 +93,32 @@ def test_normalize_image_resizes_and_uses_clip_statistics():
     np.testing.assert_allclose(
         grey[0, 0], [-0.48145466 / 0.26862954, -0.4578275 / 0.26130258, -0.40821073 / 0.27577711], rtol=1e-6
     )
+
+
+def bomb_jpeg(width: int, height: int) -> bytes:
+    """A valid 8x8 JPEG whose frame header is rewritten to declare width x height (a few hundred bytes)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")  # baseline frame: marker, length, precision, height, width
+    data[frame + 5 : frame + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    decoded = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or original(self))
+    bomb = bomb_jpeg(9000, 9000)  # 81M pixels: under PIL's own limits (89M warns, 179M refuses), over ours
+    assert len(bomb) < 1000
+    with pytest.raises(DataError, match=r"bomb\.jpg \[set s\]: declares 9000x9000 = 81,000,000 pixels"):
+        preprocess.decode_jpeg(bomb, "bomb.jpg", "s")
+    with pytest.raises(DataError, match=r"bomb\.jpg"):  # PIL's own check, before ours, is as early
+        preprocess.decode_jpeg(bomb_jpeg(60000, 60000), "bomb.jpg", "s")
+    path = tmp_path / "bomb.jpg"
+    path.write_bytes(bomb)
+    with pytest.raises(DataError, match="over the limit"):
+        preprocess.load_image(str(path), 16)
+    assert decoded == []
+    fine = bomb_jpeg(8, 8)  # the same file with its true size decodes
+    assert preprocess.decode_jpeg(fine, "fine.jpg").size == (8, 8) and set(decoded) == {(8, 8)}

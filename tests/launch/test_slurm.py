@@ -39,7 +39,8 @@ def trainer_flags(workdir, data_root: str, *extra: str) -> list[str]:
     fast = [f"--config.{key}={value}" for key, value in FAST.items()]
     return [
         "--config=configs/synthetic.py:variant=tiny", f"--workdir={workdir}", f"--config.data.root={data_root}",
-        f"--config.data.synthetic={SETS}", "--config.mesh=(8,1,1)", "--config.log_every=1", *fast, *extra,
+        f"--config.data.synthetic={SETS}", "--config.mesh=(8,1,1)", "--config.log_every=1", "--config.eval.splits=()",
+        *fast, *extra,
     ]  # fmt: skip
 
 
