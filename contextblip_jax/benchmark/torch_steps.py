@@ -129,6 +129,9 @@ class TorchContextBLIP(nn.Module):
                 self.log_scale.copy_(torch.tensor(float(params["head.log_scale"])))
 
 
+PORTED = (("train", "finetune"), ("eval", "zeroshot"))
+"""The (measure, stage) pairs this PyTorch port implements: stage 2a's train step and zero-shot scoring."""
+
 TRAINABLE_PREFIXES = ("blip.vision_model.", "blip.text_encoder.", "adapter.", "head.", "log_scale")
 """Stage 2a's trainable parts under torch names (the JAX stage table's `blip.(vision|text)`, adapter, head)."""
 
@@ -179,12 +182,10 @@ def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np
     from contextblip_jax.benchmark.jax_steps import Prepared
     from contextblip_jax.trainconfig import base_config
 
-    wanted = "finetune" if setup.train else "zeroshot"
-    if setup.stage != wanted:
-        raise ValueError(
-            f"the PyTorch side measures --measure=train --stage=finetune and --measure=eval "
-            f"--stage=zeroshot; got {'train' if setup.train else 'eval'} --stage={setup.stage}"
-        )
+    measure = "train" if setup.train else "eval"
+    if (measure, setup.stage) not in PORTED:
+        ported = " and ".join(f"--measure={m} --stage={s}" for m, s in PORTED)
+        raise ValueError(f"the PyTorch side measures {ported}; got --measure={measure} --stage={setup.stage}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     began = time.perf_counter()
     model = TorchContextBLIP(setup.config).to(device).eval()

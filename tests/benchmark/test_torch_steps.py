@@ -54,3 +54,11 @@ def test_weights_go_back_to_hugging_face_names_exactly():
         back = rule.apply(state[rule.key].numpy(), params[name].shape)
         np.testing.assert_array_equal(back, params[name], err_msg=name)
     assert isinstance(state["vision_model.embeddings.class_embedding"], torch.Tensor)
+
+
+@pytest.mark.parametrize(("train", "stage"), [(True, "context"), (True, "pretrain"), (False, "finetune")])
+def test_a_step_the_port_lacks_is_refused_before_anything_is_built(train, stage):
+    setup = jax_steps.Setup(preset="tiny", stage=stage, train=train)
+    ported = r"measures --measure=train --stage=finetune and --measure=eval --stage=zeroshot"
+    with pytest.raises(ValueError, match=ported):
+        torch_steps.prepare(setup, {}, {}, compile_model=False)
