@@ -28,6 +28,13 @@ class DamagedCheckpointError(RuntimeError):
     """Checkpoints exist but none of them can be read: the run stops rather than start again from scratch."""
 
 
+def read_failure(error: BaseException) -> str:
+    """One line naming why stored arrays did not read back: Orbax and tensorstore raise many exception types,
+    some with multi-line messages."""
+    message = str(error)
+    return f"{type(error).__name__}: {message.splitlines()[0][:300] if message else ''}"
+
+
 def save_params(directory: str, params: Mapping[str, np.ndarray]) -> None:
     """Writes `params` to `directory` (which must not exist yet) and waits until it is on disk."""
     with ocp.StandardCheckpointer() as checkpointer:
@@ -114,7 +121,7 @@ class RunCheckpoints:
             try:
                 return step, read(step), [failed for failed, _ in failures]
             except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
-                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+                reason = read_failure(error)
                 logging.warning(
                     "checkpoint %d in %s is damaged (%s); trying an older one", step, self.directory, reason
                 )

@@ -80,9 +80,8 @@ def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str,
             config = config_class.from_json(f.read())
         params = checkpoint.restore_params(os.path.join(path, PARAMS_DIR))
     except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         raise checkpoint.DamagedCheckpointError(
-            f"the converted weights in {path} do not read back ({reason}); convert them again "
+            f"the converted weights in {path} do not read back ({checkpoint.read_failure(error)}); convert them again "
             "(python -m contextblip_jax.convert)"
         ) from error
     return config, params, metadata
