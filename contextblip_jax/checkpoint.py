@@ -10,10 +10,12 @@ Imports: Orbax and grain only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 import jax
@@ -24,8 +26,17 @@ from absl import logging
 T = TypeVar("T")
 
 
-class DamagedCheckpointError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """Checkpoints that cannot be read or written: the run stops with a message saying which and why."""
+
+
+class DamagedCheckpointError(CheckpointError):
     """Checkpoints exist but none of them can be read: the run stops rather than start again from scratch."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, lost storage): the run stops, naming the folder, rather
+    than train on with nothing to resume from. Checkpoints written before stay as they were."""
 
 
 def read_failure(error: BaseException) -> str:
@@ -75,29 +86,69 @@ class RunCheckpoints:
         _whole_replica_writes_on_cpu()
         self._manager = ocp.CheckpointManager(
             os.path.join(os.path.abspath(workdir), "checkpoints"),
-            item_names=("state", "data"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            item_names=("state", "data", "counters"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "counters": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
         )
+        self._writing: int | None = None  # the step last handed to Orbax, for error messages
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: object, iterator: object) -> None:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=self._grain.checkpoint.CheckpointSave(iterator)
-        )
-        self._manager.save(step, args=args, force=True)
+    def save(self, step: int, state: object, iterator: object, counters: Mapping[str, int] | None = None) -> None:
+        """Starts writing step `step`; `counters` are run totals a resumed run continues (e.g. skipped examples).
 
-    def restore(self, step: int, abstract_state: object, iterator: object) -> object:
-        """The train state at `step` (laid out as `abstract_state`'s shardings); `iterator` is repositioned."""
+        The write finishes in the background; its failure surfaces at the next `save` or at `close` as a
+        `CheckpointWriteError`."""
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=self._grain.checkpoint.CheckpointRestore(iterator)
+            state=ocp.args.StandardSave(state),
+            data=self._grain.checkpoint.CheckpointSave(iterator),
+            counters=ocp.args.JsonSave(dict(counters or {})),
         )
-        return self._manager.restore(step, args=args)["state"]
+        with self._naming_write_failures(step):
+            self._manager.save(step, args=args, force=True)
+        self._writing = step
 
-    def restore_latest(self, abstract_state: object, iterator: object) -> tuple[int, object] | None:
-        """(step, train state) of the newest checkpoint that reads back whole, `iterator` repositioned to it; None
+    @contextlib.contextmanager
+    def _naming_write_failures(self, step: int | None) -> Iterator[None]:
+        """Turns Orbax's and tensorstore's many write errors into one message: the folder, the steps concerned,
+        the newest complete checkpoint (untouched: Orbax renames a step into place only once it is whole) and,
+        for a full disk, what to do."""
+        try:
+            yield
+        except Exception as error:  # tensorstore reports a full disk as ValueError("RESOURCE_EXHAUSTED ...")
+            reason = read_failure(error)
+            steps = sorted({s for s in (self._writing, step) if s is not None})
+            full = "No space left on device" in str(error) or getattr(error, "errno", None) == errno.ENOSPC
+            advice = "free space on that storage" if full else "fix the storage"
+            self._manager.reload()
+            kept = self._manager.latest_step()
+            kept_text = "no checkpoint is complete" if kept is None else f"checkpoint {kept} is the newest complete one"
+            raise CheckpointWriteError(
+                f"writing checkpoint {' or '.join(map(str, steps))} to {self.directory} failed"
+                f"{' (no space left on device)' if full else ''}: {reason}. {kept_text}; {advice} and run the same "
+                "command to resume from it"
+            ) from error
+
+    def restore(self, step: int, abstract_state: object, iterator: object) -> tuple[object, dict[str, int]]:
+        """The train state at `step` (laid out as `abstract_state`'s shardings) and the run's counters; `iterator`
+        is repositioned. Checkpoints written before counters were stored give `{}`."""
+        items = {
+            "state": ocp.args.StandardRestore(abstract_state),
+            "data": self._grain.checkpoint.CheckpointRestore(iterator),
+        }
+        if "counters" in self._manager.item_metadata(step):
+            items["counters"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], dict(restored.get("counters") or {})
+
+    def restore_latest(self, abstract_state: object, iterator: object) -> tuple[int, object, dict[str, int]] | None:
+        """(step, train state, counters) of the newest checkpoint that reads back whole, `iterator` repositioned
+        to it; None
         when there is no checkpoint. A damaged newer one is named in a warning and moved aside to
         `checkpoints/damaged-STEP-TIME` (kept for inspection; Orbax would otherwise refuse to save that step again
         or count it among the kept ones). When every checkpoint is damaged, `DamagedCheckpointError` says why
@@ -105,7 +156,7 @@ class RunCheckpoints:
         found = self._newest_intact(lambda step: self.restore(step, abstract_state, iterator))
         if found is not None and found[2]:
             self._set_aside(found[2])
-        return None if found is None else found[:2]
+        return None if found is None else (found[0], *found[1])
 
     def latest_params(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """(step, parameters) of the newest checkpoint whose parameters read back (`restore_params`), None when
@@ -160,5 +211,9 @@ class RunCheckpoints:
         return {name: np.asarray(value) for group in ("trainable", "frozen") for name, value in state[group].items()}
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for the write in flight (`CheckpointWriteError` if it failed) and closes the manager."""
+        with self._naming_write_failures(None):
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()

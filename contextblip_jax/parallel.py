@@ -295,7 +295,10 @@ def _detected_cluster() -> str | None:
 
 
 def initialize_distributed(
-    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_s: int | None = None,
 ) -> bool:
     """Starts `jax.distributed` when this is one of several processes; returns whether it did.
 
@@ -303,10 +306,14 @@ def initialize_distributed(
     to detect everything, e.g. on a GCE TPU pod whose topology lives in the metadata server). Without them a
     SLURM job with several tasks, an Open MPI run or a TPU pod announced in the environment is detected and
     `jax.distributed.initialize()` is left to find coordinator and ids itself. Anything else is one process.
+
+    `heartbeat_timeout_s` bounds how long the others wait for a lost process (None: jax's default, 100 s);
+    `_log_lost_peer` says what that looks like, since the runtime's own last words may not.
     """
     if jax.distributed.is_initialized():
         logging.info("jax.distributed already initialised")
         return False
+    timeouts = {} if heartbeat_timeout_s is None else {"heartbeat_timeout_seconds": heartbeat_timeout_s}
     explicit = any(value is not None for value in (coordinator, num_processes, process_id))
     if explicit and num_processes == 1:
         logging.info("single process (num_processes=1): jax.distributed not started")
@@ -321,13 +328,40 @@ def initialize_distributed(
             num_processes,
             process_id,
         )
-        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator_address=address, num_processes=num_processes, process_id=process_id, **timeouts
+        )
     else:
         cluster = _detected_cluster()
         if cluster is None:
             logging.info("single process: jax.distributed not started")
             return False
         logging.info("starting jax.distributed for %s (auto-detected)", cluster)
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     logging.info("process %d of %d", jax.process_index(), jax.process_count())
+    _log_lost_peer(heartbeat_timeout_s)
     return True
+
+
+def _log_lost_peer(heartbeat_timeout_s: int | None) -> None:
+    """Says, once at start, how this process ends if another one is lost, and what to do then.
+
+    jax's runtime ends the survivors by aborting them from C++ (SIGABRT), which no Python handler can intercept
+    or reword, and its last words depend on how the peer went (measured with 2 CPU processes and gloo). The
+    coordination service notices a process that stopped sending heartbeats once the timeout has passed ("The
+    following tasks are unhealthy (stopped sending heartbeats): 1", then "Terminating process because the JAX
+    distributed service detected fatal errors. This most likely indicates that another task died"): a frozen or
+    partitioned host, and also a killed process whose closed sockets the collective in flight did not notice.
+    A lost coordinator is noticed by the others' next poll or heartbeat (at once when its sockets close). But a
+    collective that was reading from a process just killed may fail first, within a second, in gloo's own words
+    ("Received data size doesn't match expected size. Is there a distributed collective mismatch in your
+    code?"), which misname the cause: this line, earlier in the same log, names it.
+    """
+    bound = f"{heartbeat_timeout_s} s" if heartbeat_timeout_s is not None else "jax's default heartbeat timeout"
+    logging.info(
+        "if another process is lost, jax's distributed runtime aborts this one within %s of the peer's last "
+        "heartbeat (sooner when its connections close, possibly with a misleading collectives error such as gloo's "
+        "'collective mismatch'); rerun every process with the same command to resume from the last checkpoint that "
+        "all of them committed",
+        bound,
+    )

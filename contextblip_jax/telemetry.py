@@ -54,12 +54,16 @@ class Telemetry:
             self._events = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drops rows logged after `step`: a resumed run rewrites them, so the file reads as one clean run."""
+        """Drops rows logged after `step`: a resumed run rewrites them, so the file reads as one clean run.
+
+        The shortened file replaces the old one in one rename, so a kill at any moment leaves one or the other."""
         if not self.primary:
             return
         rows = [r for r in read_metrics(self.workdir) if r["step"] <= step]
-        with open(os.path.join(self.workdir, METRICS_FILE), "w") as f:
+        path = os.path.join(self.workdir, METRICS_FILE)
+        with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
 
     def write(self, row: dict[str, Any]) -> None:
         """Appends one metrics row (it must carry `step` and `split`)."""
@@ -129,8 +133,21 @@ class Telemetry:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows of `W/metrics.jsonl`. A last line without its newline is a row a killed run was writing: it is
+    dropped with a warning (the resumed run writes that step again); a damaged line elsewhere is an error."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not a JSON row: {error}") from error
+            logging.warning("%s: dropping a torn last line (a run was killed while writing it): %r", path, line[:80])
+    return rows

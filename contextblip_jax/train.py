@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import aot, checkpoint, hostmem, optim, parallel, programs, targets, trainconfig, weights
+from contextblip_jax import aot, checkpoint, hostmem, optim, parallel, programs, skipped, targets, trainconfig, weights
 from contextblip_jax.data import inputs
 from contextblip_jax.data.pipeline import make_global_batch
 from contextblip_jax.evaluators import build_evaluators
@@ -34,6 +34,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs only).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    100,
+    "Multi-process runs: seconds without a heartbeat after which a process counts as lost and jax's distributed "
+    "runtime aborts all the others (SIGABRT), instead of leaving them waiting in a collective; rerun them all to "
+    "resume from the last checkpoint every process committed. 100 (jax's default): heartbeats come from a thread "
+    "of their own, which compiling or checkpointing does not delay, and a false alarm (a host stalled by swapping "
+    "or a busy coordinator) stops a healthy job and costs a whole restart, whereas a host really lost costs only "
+    "this long idle.",
+    lower_bound=1,
+)
 _COMPILE_ONLY = flags.DEFINE_string(
     "compile_only",
     None,
@@ -82,17 +93,18 @@ def train(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_s: int | None = None,
 ) -> dict:
     """Runs (or resumes) the training run in `workdir` and returns its summary: best validation rows, the plot
     and the metrics file, or `preempted_at`."""
     preempted = Preempted()
     try:
-        return _train(config, workdir, preempted, coordinator, num_processes, process_id)
+        return _train(config, workdir, preempted, coordinator, num_processes, process_id, heartbeat_timeout_s)
     finally:
         preempted.restore()
 
 
-def _train(config, workdir, preempted, coordinator, num_processes, process_id) -> dict:
+def _train(config, workdir, preempted, coordinator, num_processes, process_id, heartbeat_timeout_s) -> dict:
     if "://" in workdir:
         raise ValueError(
             f"workdir {workdir} is a URL; give a path on storage every host shares (e.g. a bucket mounted with "
@@ -104,7 +116,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
         raise ValueError(f"the {stage.name} stage does not train: use python -m contextblip_jax.evaluate")
 
     # ---- Mesh --------------------------------------------------------------------------------------------
-    parallel.initialize_distributed(coordinator, num_processes, process_id)
+    parallel.initialize_distributed(coordinator, num_processes, process_id, heartbeat_timeout_s)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
     logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
@@ -141,10 +153,11 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
     resumed = checkpoints.restore_latest(abstract, iterator)  # the newest intact one; damaged ones are named
-    start = 0
+    start, counters = 0, {}
     if resumed is not None:
-        start, state = resumed
+        start, state, counters = resumed
         logging.info("resumed from step %d", start)
+    skips = skipped.SkipCount(counters.get(skipped.METRIC, 0))
     telemetry = Telemetry(workdir, config.total_steps)
     telemetry.truncate_after(start)
 
@@ -166,7 +179,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
     examples = config.data.batch_size
     tick, tick_step = time.perf_counter(), start
     for step in range(start + 1, config.total_steps + 1):
-        batch = make_global_batch(next(iterator), batch_sharding)
+        batch = make_global_batch(skips.take(next(iterator)), batch_sharding)
         state, metrics = train_step(state, batch)
         if step % config.log_every == 0 or step == config.total_steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -180,6 +193,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
                 "split": "train",
                 **metrics,
                 **optim.learning_rates(config.optimizer, steps_per_epoch, step - 1),
+                skipped.METRIC: skips.total(),
                 "examples_per_s": rate,
             }
             telemetry.write(row)
@@ -191,7 +205,7 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id) -
             loss = float(jax.device_get(metrics["loss"]))
             if config.nan_check and not math.isfinite(loss):
                 _stop_on_nan(checkpoints, loss, step, last_good)
-            checkpoints.save(step, state, iterator)
+            checkpoints.save(step, state, iterator, {skipped.METRIC: skips.total()})
             last_good = step
         if stop:
             checkpoints.close()
@@ -223,8 +237,15 @@ def main(argv: list[str]) -> None:
         _compile_only(_CONFIG.value, _WORKDIR.value, _COMPILE_ONLY.value, _NUM_SLICES.value)
         return
     try:
-        result = train(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except (NonFiniteLoss, ValueError, FileNotFoundError) as error:
+        result = train(
+            _CONFIG.value,
+            _WORKDIR.value,
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            _HEARTBEAT_TIMEOUT.value,
+        )
+    except (NonFiniteLoss, ValueError, FileNotFoundError, checkpoint.CheckpointError) as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
         print(json.dumps(result, default=str))

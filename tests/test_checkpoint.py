@@ -9,6 +9,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from contextblip_jax.checkpoint import DamagedCheckpointError, RunCheckpoints
@@ -34,7 +35,7 @@ def test_state_and_data_position_round_trip(tmp_path):
         next(data)
     saved = state(2.0)
     checkpoints = RunCheckpoints(str(tmp_path), keep=2)
-    checkpoints.save(5, saved, data)
+    checkpoints.save(5, saved, data, {"skipped_examples": 7})
     checkpoints.close()
     expected_batches = [next(data) for _ in range(3)]
 
@@ -42,15 +43,32 @@ def test_state_and_data_position_round_trip(tmp_path):
     assert reopened.latest_step() == 5
     fresh = iterator()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(0.0))
-    restored = reopened.restore(5, abstract, fresh)
+    restored, counters = reopened.restore(5, abstract, fresh)
     params = reopened.restore_params(5)
     reopened.close()
 
     jax.tree.map(np.testing.assert_array_equal, restored, saved)
+    assert counters == {"skipped_examples": 7}
     for expected in expected_batches:  # the iterator continues where the saved one stood
         np.testing.assert_array_equal(next(fresh), expected)
     assert sorted(params) == ["blip.vision.cls_token", "head.proj.kernel"]
     np.testing.assert_array_equal(params["head.proj.kernel"], np.arange(6.0).reshape(3, 2) * 2.0)
+
+
+def test_checkpoints_written_without_counters_restore_with_none(tmp_path):
+    """A run checkpointed before counters were stored (state and data items only) still resumes."""
+    data = iterator()
+    older = ocp.CheckpointManager(
+        str(tmp_path / "checkpoints"),
+        item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+    )
+    items = {"state": ocp.args.StandardSave(state(1.0)), "data": grain.checkpoint.CheckpointSave(data)}
+    older.save(1, args=ocp.args.Composite(**items))
+    older.close()
+    step, restored, counters = RunCheckpoints(str(tmp_path)).restore_latest(abstract(), iterator())
+    assert (step, counters) == (1, {})
+    jax.tree.map(np.testing.assert_array_equal, restored, state(1.0))
 
 
 def test_only_the_newest_are_kept(tmp_path):
@@ -108,7 +126,7 @@ def test_a_damaged_newest_checkpoint_is_named_set_aside_and_the_one_before_resto
     DAMAGE[damage](folder / "2")
     checkpoints = RunCheckpoints(str(tmp_path))
     data = iterator()
-    step, restored = checkpoints.restore_latest(abstract(), data)
+    step, restored, _ = checkpoints.restore_latest(abstract(), data)
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, restored, state(1.0))
     np.testing.assert_array_equal(next(data), following[0])  # the data position is step 1's too
@@ -125,7 +143,7 @@ def test_a_half_written_temporary_folder_is_ignored_and_left_alone(tmp_path):
     folder = tmp_path / "checkpoints"
     shutil.copytree(folder / "2", folder / "3.orbax-checkpoint-tmp")
     truncate(array_files(folder / "3.orbax-checkpoint-tmp")[0])
-    step, restored = RunCheckpoints(str(tmp_path)).restore_latest(abstract(), iterator())
+    step, restored, _ = RunCheckpoints(str(tmp_path)).restore_latest(abstract(), iterator())
     assert step == 2
     jax.tree.map(np.testing.assert_array_equal, restored, state(2.0))
     assert (folder / "3.orbax-checkpoint-tmp").is_dir()

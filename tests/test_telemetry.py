@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from contextblip_jax.telemetry import METRICS_FILE, PLOT_FILE, Telemetry, read_metrics
 
 
@@ -32,3 +34,19 @@ def test_rows_truncation_events_and_plot(tmp_path):
 
 def test_missing_file_reads_as_no_rows(tmp_path):
     assert read_metrics(str(tmp_path)) == []
+
+
+def test_a_row_torn_by_a_kill_is_dropped_and_the_resumed_run_rewrites_the_file_whole(tmp_path):
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n{"step": 3, "spl')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    Telemetry(str(tmp_path), total_steps=5).truncate_after(2)
+    assert path.read_text() == '{"step": 1, "split": "train"}\n{"step": 2, "split": "train"}\n'
+    assert sorted(os.listdir(tmp_path)) == [METRICS_FILE, "tensorboard"]  # no temporary file left behind
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
+    rows = ['{"step": 1, "split": "train"}', '{"step": 2, "spl', '{"step": 3, "split": "train"}']
+    (tmp_path / METRICS_FILE).write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON row"):
+        read_metrics(str(tmp_path))

@@ -15,7 +15,7 @@ from typing import Any
 
 from absl import logging
 
-from contextblip_jax.data.errors import DataError, ErrorPolicy
+from contextblip_jax.data.errors import DataError, ErrorPolicy, unreadable_record
 from contextblip_jax.data.imagecode import read_json
 
 
@@ -95,7 +95,8 @@ def caption_record(example: CaptionedImage, example_id: int) -> dict[str, Any]:
 
 
 class CaptionSource:
-    """Random-access grain source over caption files and an image folder: `source[i]` = `caption_record`."""
+    """Random-access grain source over caption files and an image folder: `source[i]` = `caption_record`, or
+    `errors.unreadable_record` when the image cannot be read (the transform then raises or skips)."""
 
     def __init__(self, annotation_files: Sequence[str], image_root: str, on_error: str = "raise"):
         self.annotation_files, self.image_root = list(annotation_files), image_root
@@ -105,7 +106,10 @@ class CaptionSource:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return caption_record(self.examples[index], index)
+        try:
+            return caption_record(self.examples[index], index)
+        except DataError as error:
+            return unreadable_record(index, error)
 
     def __repr__(self) -> str:
         return f"CaptionSource(files={self.annotation_files!r}, image_root={self.image_root!r}, images={len(self)})"

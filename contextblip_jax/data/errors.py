@@ -30,6 +30,25 @@ class DataError(ValueError):
         return (DataError, (self.path, self.problem, self.set_name))
 
 
+UNREADABLE = "unreadable"
+SKIPPED_FIELD = "skipped"
+"""Training batches' count of the damaged examples each example stands in for (see `transforms.Prepare`)."""
+
+
+def unreadable_record(example_id: int, error: DataError) -> dict:
+    """The element a source yields for an example whose files it cannot read (e.g. deleted during a run).
+
+    grain reads sources outside the per-example transform, where the raise-or-skip policy lives, so sources
+    hand the error on instead of raising it; `check_readable` raises it inside the transform."""
+    return {"example_id": example_id, UNREADABLE: error}
+
+
+def check_readable(element: dict) -> dict:
+    if UNREADABLE in element:
+        raise element[UNREADABLE]
+    return element
+
+
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")

@@ -28,7 +28,7 @@ from typing import Any
 
 from absl import logging
 
-from contextblip_jax.data.errors import DataError, ErrorPolicy
+from contextblip_jax.data.errors import DataError, ErrorPolicy, unreadable_record
 
 SPLIT_FILES = {"train": "train_data.json", "valid": "valid_data.json", "test": "test_data_unlabeled.json"}
 LABELLED_SPLITS = ("train", "valid")
@@ -229,7 +229,8 @@ def example_record(example: Example, example_id: int) -> dict[str, Any]:
 
 
 class ImageCodeSource:
-    """Random-access grain source over the downloaded folder: `source[i]` is `example_record` of example i."""
+    """Random-access grain source over the downloaded folder: `source[i]` is `example_record` of example i, or
+    `errors.unreadable_record` when its images cannot be read (the transform then raises or skips)."""
 
     def __init__(self, root: str, split: str, on_error: str = "raise", examples: Sequence[Example] | None = None):
         self.root, self.split = root, split
@@ -239,7 +240,10 @@ class ImageCodeSource:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return example_record(self.examples[index], index)
+        try:
+            return example_record(self.examples[index], index)
+        except DataError as error:
+            return unreadable_record(index, error)
 
     def __repr__(self) -> str:
         return f"ImageCodeSource(root={self.root!r}, split={self.split!r}, examples={len(self)})"

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from contextblip_jax.data import imagecode, synthetic
+from contextblip_jax.data.errors import SKIPPED_FIELD
 from contextblip_jax.data.pipeline import (
     DataConfig,
     caption_source,
@@ -74,12 +75,13 @@ def train_input(config: ml_collections.ConfigDict, stage: Stage) -> TrainInput:
 
 @dataclasses.dataclass(frozen=True)
 class _Select(grain.transforms.Map):
-    """Keeps the batch entries the model consumes (a picklable transform, for grain's worker processes)."""
+    """Keeps the batch entries the model consumes, and the skip count the trainer takes off before the step (a
+    picklable transform, for grain's worker processes)."""
 
     fields: tuple[str, ...]
 
     def map(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(batch[name]) for name in self.fields}
+        return {name: np.asarray(batch[name]) for name in (*self.fields, SKIPPED_FIELD)}
 
 
 def ensure_synthetic_data(config: ml_collections.ConfigDict) -> None:

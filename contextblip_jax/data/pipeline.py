@@ -49,7 +49,8 @@ class DataConfig:
     root: ImageCoDe folder (train_data.json, valid_data.json, test_data_unlabeled.json, image-sets/), or for
         captions the image root. source: "folder" reads it directly; "tfds" reads `records.py`'s array_record
         files from tfds_dir. annotations: BLIP caption JSON files (captions only).
-    on_error: "raise" or "skip" damaged examples (counted in the logs).
+    on_error: "raise" or "skip" damaged examples, also images lost while a run is in progress (counted in the
+        logs and in the train rows' `skipped_examples`, a run total kept in its checkpoints).
     image_size: square side after the bicubic resize. max_text_length: tokens, 64 for ImageCoDe (30 truncates
         about 16% of its descriptions). first_token: "enc" ([ENC], ITM) or "cls".
     batch_size: global batch (descriptions for ImageCoDe), divided evenly among hosts.

@@ -6,11 +6,13 @@ Input elements are the sources' records (JPEG bytes + metadata, see `imagecode.e
     ImageCoDe: images [10, S, S, 3] float32, input_ids / attention_mask [L] int32 (first token [ENC] by default),
                target int32 (-1: no label), is_video bool, example_id int32 (-1: padding)
     captions:  images [S, S, 3] float32, input_ids / attention_mask [L] int32, example_id int32
+    training adds skipped int32: the damaged examples this one replaced (0 unless on_error="skip")
 
 The element `{"example_id": -1}` is padding (evaluation pads the last global batch); it becomes zeros. With
 `on_error="skip"` an example whose image fails to decode is replaced in training by the next decodable example
 of the source (batches are fixed sets of positions, see pipeline.py) and turned into padding in evaluation, so
-every host still yields the same number of full batches; each skip is logged and counted.
+every host still yields the same number of full batches; each skip is logged and counted. An image deleted or
+damaged while a run is in progress is met here too: sources hand read errors on as `errors.unreadable_record`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from contextblip_jax.data import augment, imagecode
-from contextblip_jax.data.errors import DataError, check_on_error
+from contextblip_jax.data.errors import SKIPPED_FIELD, DataError, check_on_error, check_readable
 from contextblip_jax.data.preprocess import BlipTokenizer, decode_jpeg, normalize_image, to_normalized_array
 
 PADDING = {"example_id": -1}
@@ -66,13 +68,16 @@ class Prepare:
         self.__dict__.update(state, _tokenizer=None, _lock=threading.Lock())
 
     def __call__(self, element: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, Any]:
-        """Model inputs of `element` (`map` in evaluation, `random_map` in training); see the module docstring."""
-        for _ in range(_MAX_REPLACEMENTS):
+        """Model inputs of `element` (`map` in evaluation, `random_map` in training); see the module docstring.
+
+        Training outputs also carry `skipped`: how many damaged examples this one stands in for (the trainer
+        counts them in metrics.jsonl and in its checkpoints, and drops the field before the step)."""
+        for failed in range(_MAX_REPLACEMENTS):
             example_id = int(element["example_id"])
             if example_id < 0:
-                return self.padding()
+                return self._counted(self.padding(), failed)
             try:
-                return self.prepare(element, example_id, rng)
+                return self._counted(self.prepare(check_readable(element), example_id, rng), failed)
             except DataError as error:
                 if self.on_error == "raise":
                     raise
@@ -88,9 +93,14 @@ class Prepare:
                     error,
                 )
                 if not replace:
-                    return self.padding()
+                    return self._counted(self.padding(), failed + 1)
                 element = self.source[(example_id + 1) % len(self.source)]
         raise DataError(str(self.source), f"{_MAX_REPLACEMENTS} consecutive examples failed to decode")
+
+    def _counted(self, out: dict[str, Any], skipped: int) -> dict[str, Any]:
+        if self.train:
+            out[SKIPPED_FIELD] = np.int32(skipped)
+        return out
 
     def prepare(self, element: dict[str, Any], example_id: int, rng: np.random.Generator | None) -> dict[str, Any]:
         raise NotImplementedError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -155,3 +156,27 @@ def test_config_from_ml_collections_and_unknown_fields():
         pipeline.DataConfig.from_config({"augment": {"flipp": "off"}})
     with pytest.raises(ValueError, match="on_error"):
         pipeline.DataConfig.from_config({"on_error": "ignore"})
+
+
+def test_images_deleted_after_the_run_started_are_named_or_skipped_and_counted(generated_root, tmp_path):
+    """The source is built (annotations read, files listed) as a run starts; then one set's images disappear.
+    Raising names the set; skipping replaces each damaged example and counts every failed read in `skipped`."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(generated_root, root)
+    examples = imagecode.read_split(root, "train")
+    gone = collections.Counter(e.set_name for e in examples).most_common(1)[0][0]
+    bad = {i for i, e in enumerate(examples) if e.set_name == gone}
+    raising = pipeline.imagecode_dataset(config(root, batch_size=1), "train", True)
+    skipping = pipeline.imagecode_dataset(config(root, batch_size=1, on_error="skip"), "train", True)
+    shutil.rmtree(os.path.join(root, imagecode.IMAGE_DIR, gone))
+
+    with pytest.raises(DataError, match="cannot read image") as raised:
+        take(raising, len(examples))
+    assert raised.value.set_name == gone and gone in raised.value.path
+    epoch = take(skipping, len(examples))
+    assert set(ids(epoch)).isdisjoint(bad) and all(len(b["example_id"]) == 1 for b in epoch)
+    # A set's examples are consecutive, and a damaged one is replaced by the next: visiting the k-th last of the
+    # set's m examples fails k times before a readable one is found, m(m+1)/2 failures in all.
+    m = len(bad)
+    assert bad == set(range(min(bad), min(bad) + m)) and m >= 2
+    assert sum(int(b["skipped"].sum()) for b in epoch) == m * (m + 1) // 2
