@@ -10,7 +10,6 @@ nothing is written to DIR.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from contextblip_jax.convert import directory
 from contextblip_jax.convert.contextblip import full_params
 from contextblip_jax.convert.dispatch import TARGETS, convert_any, with_image_size
 from contextblip_jax.convert.errors import ConversionError
+from contextblip_jax.models.config import read_partial
 
 _INPUT = flags.DEFINE_string("input", None, "PyTorch checkpoint: HF folder, .safetensors, .bin, .pth or .pt.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create with the Orbax checkpoint and model config.")
@@ -50,16 +50,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the fresh initialisation of Con
 def _overrides() -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if _MODEL_CONFIG.value:
-        text = _MODEL_CONFIG.value
-        if os.path.isfile(text):
-            with open(text) as f:
-                text = f.read()
         try:
-            overrides = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConversionError(_MODEL_CONFIG.value, [f"--model-config is not valid JSON: {error}"]) from error
-        if not isinstance(overrides, dict):
-            raise ConversionError(_MODEL_CONFIG.value, ["--model-config must be a JSON object"])
+            overrides = read_partial(_MODEL_CONFIG.value)
+        except ValueError as error:
+            raise ConversionError(_MODEL_CONFIG.value, [f"--model-config: {error}"]) from error
     nested = "blip" in overrides or _TARGET.value == "contextblip"
     return with_image_size(overrides, _IMAGE_SIZE.value, nested)
 

@@ -4,6 +4,9 @@ Supported: a Hugging Face folder (`config.json` + `model.safetensors` / `pytorch
 a lone `.safetensors` or `.bin` file, and pickled `.pth`/`.pt` files (original salesforce/BLIP
 `{"model": state_dict}` or a bare state dict). Pickles are read with `torch.load(weights_only=True)` only, so a
 file that needs code execution is refused; torch is imported only for pickles.
+
+Every file may be hostile or damaged: whatever it holds, reading it either succeeds or raises a ConversionError
+naming it (tests/convert/test_hostile_files.py fuzzes each reader).
 """
 
 from __future__ import annotations
@@ -64,16 +67,24 @@ def _read_folder(path: str) -> RawCheckpoint:
         tensors = _read_safetensors(weights_path)
     else:
         tensors = _read_pickle(weights_path)
-    hf_config = _read_json(config_path) if os.path.exists(config_path) else None
+    hf_config = _read_hf_config(config_path) if os.path.exists(config_path) else None
     has_tokenizer = any(f in files for f in TOKENIZER_FILES)
     return RawCheckpoint(path, "huggingface", tensors, hf_config, path if has_tokenizer else None)
 
 
 def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
-    index = _read_json(index_path)
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ConversionError(index_path, ["weight_map must be a JSON object of tensor name -> shard file name"])
+    shards = sorted(set(weight_map.values()))
+    outside = [shard for shard in shards if not _is_plain_name(shard)]
+    if outside:
+        raise ConversionError(
+            index_path, [f"shard {shard!r} is not a file name in the index's folder" for shard in outside]
+        )
     folder = os.path.dirname(index_path)
     tensors: dict[str, np.ndarray] = {}
-    for shard in sorted(set(index.get("weight_map", {}).values())):
+    for shard in shards:
         shard_path = os.path.join(folder, shard)
         if not os.path.exists(shard_path):
             raise ConversionError(index_path, [f"shard {shard} named in the index does not exist"])
@@ -82,14 +93,29 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _is_plain_name(name: str) -> bool:
+    """A file name in the index's own folder, as Hugging Face writes shards: `../x`, `/etc/x` or `a/b` would make
+    an index read files outside the checkpoint (the rule of `data.imagecode.is_plain_name`)."""
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0")) and not os.path.isabs(name)
+
+
+def _check_regular_file(path: str) -> None:
+    """A FIFO or device where a checkpoint file should be would block the readers or feed them forever."""
+    if not os.path.isfile(path):
+        raise ConversionError(path, ["not a regular file"])
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    _check_regular_file(path)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise ConversionError(path, [f"not a readable safetensors file ({error})"]) from error
+    except AttributeError as error:  # an F8/F4 tensor: safetensors looks up a numpy dtype that does not exist
+        raise ConversionError(path, [f"holds a tensor dtype numpy has no type for ({error})"]) from error
 
 
 def _read_pickle(path: str) -> dict[str, np.ndarray]:
@@ -99,6 +125,7 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(
             path, ["reading a PyTorch pickle needs torch: pip install -r requirements-dev.txt"]
         ) from error
+    _check_regular_file(path)
     obj = _torch_load(torch, path)
     for wrapper in ("model", "model_state_dict", "state_dict"):  # salesforce/BLIP, ContextBLIP authors, others
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -106,10 +133,17 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
             break
     if not isinstance(obj, dict):
         raise ConversionError(path, [f"pickle holds a {type(obj).__name__}, not a state dict"])
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = [f"entry {k!r} is not a tensor" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad += [f"key {k!r} is not a string" for k in obj if not isinstance(k, str)]
     if bad:
-        raise ConversionError(path, [f"entry {k!r} is not a tensor" for k in bad])
-    return {k: _to_numpy(torch, v) for k, v in obj.items()}
+        raise ConversionError(path, bad)
+    arrays = {}
+    for key, tensor in obj.items():
+        try:
+            arrays[key] = _to_numpy(torch, tensor)
+        except (TypeError, RuntimeError, NotImplementedError) as error:  # meta, sparse, quantized or float8
+            raise ConversionError(path, [f"entry {key!r} has no numpy form ({error})"]) from error
+    return arrays
 
 
 def _torch_load(torch: Any, path: str) -> Any:
@@ -122,8 +156,13 @@ def _torch_load(torch: Any, path: str) -> Any:
                 path, [f"refusing to load: the pickle needs code execution, which weights_only=True forbids ({reason})"]
             ) from error
         raise ConversionError(path, [f"not a readable PyTorch checkpoint ({reason})"]) from error
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ConversionError(path, [f"not a readable PyTorch checkpoint (truncated or corrupt?): {error}"]) from error
+    except Exception as error:
+        # torch.load of damaged bytes fails with whatever the damage reaches: RuntimeError, EOFError, BadZipFile,
+        # but also IndexError, KeyError, struct.error and AssertionError from inside its unpickler (fuzzed in
+        # tests/convert/test_hostile_files.py). All of them mean the same: this file is not a checkpoint.
+        raise ConversionError(
+            path, [f"not a readable PyTorch checkpoint (truncated or corrupt?): {type(error).__name__}: {error}"]
+        ) from error
 
 
 def _unpickler_reason(message: str) -> str:
@@ -146,12 +185,27 @@ def _to_numpy(torch: Any, tensor: Any) -> np.ndarray:
 
 def _config_beside(path: str) -> dict[str, Any] | None:
     config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-    return _read_json(config_path) if os.path.exists(config_path) else None
+    return _read_hf_config(config_path) if os.path.exists(config_path) else None
+
+
+def _read_hf_config(path: str) -> dict[str, Any]:
+    """A Hugging Face `config.json`, with the sections `infer.config_from_hf` reads as objects (or null)."""
+    config = _read_json(path)
+    wrong = [key for key in ("vision_config", "text_config") if not isinstance(config.get(key), dict | None)]
+    if wrong:
+        raise ConversionError(path, [f"{key} must be a JSON object" for key in wrong])
+    return config
 
 
 def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`. Invalid UTF-8 (a ValueError, as JSONDecodeError) and nesting deeper than the
+    interpreter's recursion limit (RecursionError) are refused like any other damage."""
+    _check_regular_file(path)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as error:
         raise ConversionError(path, [f"not valid JSON: {error}"]) from error
+    if not isinstance(data, dict):
+        raise ConversionError(path, [f"holds a JSON {type(data).__name__}, not an object"])
+    return data

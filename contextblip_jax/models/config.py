@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import math
+import os
+import reprlib
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
 """Activation names the towers accept; `gelu` is the exact (erf) GELU both BLIP sources use."""
 INITS = ("bert", "fan_in")
 """Kernel initialisations a ContextBLIP config may name (`ContextBLIPConfig.init`)."""
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,9 @@ class VisionConfig:
         return self.grid**2 + 1
 
     def validate(self) -> None:
+        _check_positive(
+            "vision", self, ("width", "depth", "num_heads", "mlp_dim", "image_size", "patch_size", "layer_norm_eps")
+        )
         _check_heads("vision", self.width, self.num_heads)
         _check_activation("vision", self.activation)
         if self.image_size % self.patch_size:
@@ -61,6 +70,20 @@ class TextConfig:
     activation: str = "gelu"
 
     def validate(self) -> None:
+        _check_positive(
+            "text",
+            self,
+            (
+                "vocab_size",
+                "width",
+                "depth",
+                "num_heads",
+                "mlp_dim",
+                "max_positions",
+                "encoder_width",
+                "layer_norm_eps",
+            ),
+        )
         _check_heads("text", self.width, self.num_heads)
         _check_activation("text", self.activation)
 
@@ -76,6 +99,7 @@ class BlipConfig:
     def validate(self) -> None:
         self.vision.validate()
         self.text.validate()
+        _check_positive("", self, ("embed_dim",))
         if self.text.encoder_width != self.vision.width:
             raise ValueError(
                 f"text.encoder_width {self.text.encoder_width} must equal vision.width {self.vision.width}: "
@@ -90,17 +114,9 @@ class BlipConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlipConfig:
-        """Builds a config from a (possibly partial) dict; unknown keys are an error naming each of them."""
-        unknown = sorted(set(data) - {"vision", "text", "embed_dim"})
-        unknown += [f"vision.{k}" for k in sorted(set(data.get("vision", {})) - _field_names(VisionConfig))]
-        unknown += [f"text.{k}" for k in sorted(set(data.get("text", {})) - _field_names(TextConfig))]
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(
-            vision=VisionConfig(**data.get("vision", {})),
-            text=TextConfig(**data.get("text", {})),
-            embed_dim=data.get("embed_dim", cls.embed_dim),
-        )
+        """Builds a config from a (possibly partial) dict; unknown keys and mistyped values are an error naming
+        each of them (`_parse_config`)."""
+        return _parse_config(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> BlipConfig:
@@ -133,8 +149,84 @@ def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def read_partial(value: str) -> dict[str, Any]:
+    """A partial model config (as `--model-config` takes it): inline JSON, or the path of a JSON file, holding an
+    object. Its fields are checked when it is applied (`override`). An unreadable or non-UTF-8 file, invalid JSON,
+    JSON nested past the interpreter's recursion limit (json raises RecursionError) and a non-object are ValueErrors.
+    """
+    text = value
+    try:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        data = json.loads(text)
+    except (OSError, ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not readable JSON ({type(error).__name__}: {error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"must be a JSON object, got {reprlib.repr(data)}")
+    return data
+
+
+def _parse_config(cls: type[T], data: Any) -> T:
+    """The config dataclass `cls` from JSON-like, possibly partial `data` (omitted fields keep their defaults).
+
+    A model config comes from files and `--model-config`, so anything may stand where a number is expected: each
+    unknown key and each value of the wrong type is named by its dotted path in one ValueError, before any of them
+    can reach a model (where a string width or a nested object fails far from its cause, and NaN silently)."""
+    problems: list[str] = []
+    config = _parse_fields(cls, data, "", problems)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _parse_fields(cls: type[T], data: Any, prefix: str, problems: list[str]) -> T:
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'the model config'} must be a JSON object, got {reprlib.repr(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        hint = hints.get(key)
+        if hint is None:
+            problems.append(f"unknown model config key {name}")
+        elif dataclasses.is_dataclass(hint):
+            values[key] = _parse_fields(hint, value, f"{name}.", problems)
+        elif typing.get_origin(hint) is tuple:  # tuple[int, ...]: JSON has lists
+            if isinstance(value, list | tuple) and all(_is_int(item) for item in value):
+                values[key] = tuple(value)
+            else:
+                problems.append(f"{name} must be a list of integers, got {reprlib.repr(value)}")
+        elif _has_type(value, hint):
+            values[key] = value
+        else:
+            problems.append(f"{name} must be {_EXPECTED[hint]}, got {reprlib.repr(value)}")
+    return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _has_type(value: Any, hint: type) -> bool:
+    if hint is int:
+        return _is_int(value)
+    if hint is float:  # an integer is a number too; JSON's NaN and Infinity are not model settings
+        return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _check_positive(section: str, config: Any, fields: Sequence[str]) -> None:
+    """Sizes, counts and epsilons must be > 0: a zero patch size divides by zero, a negative width builds arrays
+    of negative size."""
+    prefix = f"{section}." if section else ""
+    bad = [f"{prefix}{field} {getattr(config, field)}" for field in fields if not getattr(config, field) > 0]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be positive")
 
 
 def _check_heads(tower: str, width: int, num_heads: int) -> None:
@@ -221,16 +313,27 @@ class ContextBLIPConfig:
 
     def validate(self) -> None:
         self.blip.validate()
+        _check_positive("adapter", self.adapter, ("reduction",))
+        _check_positive(
+            "tmim", self.tmim, ("decoder_depth", "decoder_heads", "decoder_mlp_dim", "text_adapter_reduction")
+        )
+        _check_positive("context", self.context, ("num_candidates", "depth", "num_heads", "mlp_dim"))
         depth = self.blip.vision.depth
         levels = self.adapter.resolved_levels(depth)
         if any(not 1 <= level <= depth for level in levels):
             raise ValueError(f"adapter.levels {levels} must be ViT blocks between 1 and {depth}")
         if self.blip.vision.width % self.adapter.reduction:
             raise ValueError(f"vision.width {self.blip.vision.width} is not divisible by adapter.reduction")
-        if any(k % 2 == 0 for k in self.adapter.conv_kernels):
-            raise ValueError(f"adapter.conv_kernels {self.adapter.conv_kernels} must be odd")
+        if any(k <= 0 or k % 2 == 0 for k in self.adapter.conv_kernels):
+            raise ValueError(f"adapter.conv_kernels {self.adapter.conv_kernels} must be positive and odd")
         if not 0 < self.tmim.mask_rate < 1:
             raise ValueError(f"tmim.mask_rate {self.tmim.mask_rate} must lie strictly between 0 and 1")
+        if self.tmim.noise < 0:
+            raise ValueError(f"tmim.noise {self.tmim.noise} must not be negative")
+        if not 0 <= self.context.dropout < 1:
+            raise ValueError(f"context.dropout {self.context.dropout} must lie in [0, 1)")
+        if self.cls_token_id < 0:
+            raise ValueError(f"cls_token_id {self.cls_token_id} must not be negative")
         _check_heads("tmim decoder", self.blip.vision.width, self.tmim.decoder_heads)
         _check_heads("context", self.blip.text.width, self.context.num_heads)
         if self.init not in INITS:
@@ -250,25 +353,8 @@ class ContextBLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextBLIPConfig:
-        sections = {"adapter": AdapterConfig, "tmim": TMIMConfig, "context": ContextConfig, "head": HeadConfig}
-        unknown = sorted(set(data) - {"blip", "cls_token_id", "init", *sections})
-        for name, section in sections.items():
-            unknown += [f"{name}.{k}" for k in sorted(set(data.get(name, {})) - _field_names(section))]
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        parts = {}
-        for name, section in sections.items():
-            values = dict(data.get(name, {}))
-            for key, value in values.items():
-                if isinstance(value, list):
-                    values[key] = tuple(value)
-            parts[name] = section(**values)
-        return cls(
-            blip=BlipConfig.from_dict(data.get("blip", {})),
-            cls_token_id=data.get("cls_token_id", cls.cls_token_id),
-            init=data.get("init", cls.init),
-            **parts,
-        )
+        """As `BlipConfig.from_dict`; lists (JSON's tuples) become tuples."""
+        return _parse_config(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> ContextBLIPConfig:
