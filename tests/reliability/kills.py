@@ -1,7 +1,7 @@
 """The kill-anywhere harness: a CPU training run killed with SIGKILL at random moments, resumed by the same command
 after each kill, must end exactly where an uninterrupted run ends.
 
-Kills come in three kinds, drawn at random (seeded):
+Kills come in three kinds, taken in turn, their moments drawn at random (seeded):
 - `write`: up to 0.2 s after the first or second checkpoint write of the process begins (Orbax writes in the
   background, so the kill lands while arrays are written, a step is renamed into place or older ones deleted);
 - `step`: up to 1 s after the process completed its first checkpoint (in a step, an evaluation, a metrics
@@ -9,9 +9,12 @@ Kills come in three kinds, drawn at random (seeded):
 - `start`: at a random fraction of the time an earlier process took to begin its first checkpoint write (imports,
   restore, compilation, the first steps), and at the latest when this process begins one.
 
+Optionally the run is first preempted (`terms`): SIGTERM at a `step` moment must end it with exit status 0 and a
+complete checkpoint at the step it reports (`preempted_at`), the newest one.
+
 At the end the parameters and optimizer state of the last checkpoint, and every train and valid row of
-metrics.jsonl (all fields but the measured throughput), must equal the uninterrupted run's exactly, and the file
-must hold each (split, step) once and no torn line.
+metrics.jsonl (all fields but the measured throughput), must equal those of an uninterrupted run of the same config
+(in this process: the same code as the command), and the file must hold each (split, step) once and no torn line.
 
     python -m tests.reliability.kills --kills=10 --steps=60 --seed=0   # the long run (CI: a short one, test_kills.py)
 """
@@ -32,15 +35,17 @@ import time
 import chex
 import orbax.checkpoint as ocp
 
-from tests.runs import ROOT, train_command
+from contextblip_jax import train
+from tests.runs import ROOT, run_config, train_command
 
-FLAGS = (
-    "--config.log_every=1",
-    "--config.checkpoint_every=2",
-    "--config.keep_checkpoints=2",  # deletions of old checkpoints happen too, and may be killed
-    "--config.eval_every=4",
-    "--config.eval.splits=('valid',)",
-)
+SETTINGS = {
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "keep_checkpoints": 2,  # deletions of old checkpoints happen too, and may be killed
+    "eval_every": 4,
+    "eval.splits": ("valid",),
+}
+FLAGS = tuple(f"--config.{key}={value!r}" for key, value in SETTINGS.items())
 TIMED = ("examples_per_s",)
 """Fields of a train row that measure the machine rather than the run."""
 KINDS = ("write", "step", "start")
@@ -49,11 +54,12 @@ TIMEOUT_S = 600
 
 @dataclasses.dataclass
 class Kill:
-    kind: str
+    kind: str  # one of KINDS, or "term" for a SIGTERM
     at_s: float  # seconds after the process started
     resumed_from: int | None  # the step the killed process had resumed from (None: not restored when killed)
     inside_write: bool  # a checkpoint's temporary folder existed at the kill
     warmed_up_s: float | None  # when its first checkpoint write began or completed (`write`, `step` kills)
+    preempted_at: int | None = None  # the step a SIGTERM'd run reported
 
 
 def metrics_lines(workdir: str) -> list[str]:
@@ -98,7 +104,9 @@ class Watch:
     def __init__(self, workdir: str, kind: str, rng: random.Random, warm_up_s: float):
         self.workdir, self.kind = workdir, kind
         start_delay = rng.uniform(0.05, 1.0) * warm_up_s  # anywhere before training resumes
-        self.delay = {"write": rng.uniform(0.0, 0.2), "step": rng.uniform(0.0, 1.0), "start": start_delay}[kind]
+        step_delay = rng.uniform(0.0, 1.0)
+        delays = {"write": rng.uniform(0.0, 0.2), "step": step_delay, "term": step_delay, "start": start_delay}
+        self.delay = delays[kind]
         self.nth = rng.choice((1, 2))  # the second write begins only after the first one completed
         self.complete_before, self.temporaries_before = checkpoint_folders(workdir)
         self.temporaries_seen: set[tuple[str, int]] = set()  # those this process began
@@ -110,7 +118,8 @@ class Watch:
         complete, temporaries = checkpoint_folders(self.workdir)
         self.temporaries_seen |= temporaries - self.temporaries_before
         if self.came_at is None:
-            came = {"write": len(self.temporaries_seen) >= self.nth, "step": bool(complete - self.complete_before)}
+            completed = bool(complete - self.complete_before)
+            came = {"write": len(self.temporaries_seen) >= self.nth, "step": completed, "term": completed}
             if came[self.kind]:
                 self.came_at = now
         if self.kind == "start" and self.temporaries_seen:  # at the latest when training has resumed
@@ -121,17 +130,19 @@ class Watch:
 def kill_once(
     workdir: str, data_root: str, steps: int, kind: str, rng: random.Random, warm_up_s: float, log_path: str
 ) -> Kill | None:
-    """Starts the run, kills it as `kind` says; None when it finished before the moment came. `warm_up_s` is how
-    long a process took to reach its first checkpoint before (`start` kills fall before that)."""
+    """Starts the run, kills (or with `kind="term"` preempts) it as `kind` says; None when it finished before the
+    moment came. `warm_up_s` is how long a process took to reach its first checkpoint before (`start` kills fall
+    before that)."""
     watch = Watch(workdir, kind, rng, warm_up_s)
     process, log = start(workdir, data_root, steps, log_path)
     inside_write = False
+    sent = signal.SIGTERM if kind == "term" else signal.SIGKILL
     try:
         while process.poll() is None and time.monotonic() - watch.began < TIMEOUT_S:
             if watch.due():
                 inside_write = bool(checkpoint_folders(workdir)[1] - watch.temporaries_before)
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+                process.send_signal(sent)
+                process.wait(timeout=TIMEOUT_S)
                 break
             time.sleep(0.002)
     finally:
@@ -141,12 +152,25 @@ def kill_once(
         log.close()
     with open(log_path) as f:
         output = f.read()
-    if process.returncode == 0:
+    preempted = preempted_at(output)
+    if process.returncode == 0 and preempted is None:
         return None
-    if process.returncode != -signal.SIGKILL:
+    if process.returncode != (0 if kind == "term" else -signal.SIGKILL):
         raise AssertionError(f"the run failed on its own (rc {process.returncode}):\n{output[-3000:]}")
+    if kind == "term":  # the step it stopped at is saved whole, and is the newest
+        complete, temporaries = checkpoint_folders(workdir)
+        assert max(map(int, complete)) == preempted and not temporaries, (preempted, complete, temporaries)
     warmed_up = None if watch.came_at is None or kind == "start" else round(watch.came_at - watch.began, 2)
-    return Kill(kind, round(time.monotonic() - watch.began, 2), resumed_from(output), inside_write, warmed_up)
+    elapsed = round(time.monotonic() - watch.began, 2)
+    return Kill(kind, elapsed, resumed_from(output), inside_write, warmed_up, preempted)
+
+
+def preempted_at(output: str) -> int | None:
+    """The step a preempted run reports on its last stdout line (`{"preempted_at": N}`)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith('{"preempted_at"'):
+            return json.loads(line)["preempted_at"]
+    return None
 
 
 def finish(workdir: str, data_root: str, steps: int, log_path: str) -> str:
@@ -179,32 +203,36 @@ def comparable_rows(workdir: str) -> list[str]:
     return sorted(json.dumps({k: v for k, v in r.items() if k not in TIMED}, sort_keys=True) for r in rows)
 
 
-def run(kills: int, seed: int, data_root: str, base: str, steps: int) -> dict:
-    """Kills a `steps`-step run `kills` times, resumes it to the end, and compares it with an uninterrupted one;
-    returns the report (raises AssertionError on any difference)."""
+def run(kills: int, seed: int, data_root: str, base: str, steps: int, terms: int = 0) -> dict:
+    """Preempts a `steps`-step run `terms` times, then kills it `kills` times, resumes it to the end, and compares it
+    with an uninterrupted one; returns the report (raises AssertionError on any difference)."""
     rng = random.Random(seed)
     began = time.monotonic()
     interrupted, straight = os.path.join(base, "interrupted"), os.path.join(base, "straight")
+    kinds = ["term"] * terms + [KINDS[i % len(KINDS)] for i in range(kills)]  # in turn: each kind as often
     done: list[Kill] = []
     warm_up_s = 12.0  # until a write or step kill has measured it
-    while len(done) < kills:
-        kind = KINDS[len(done) % len(KINDS)]  # in turn, so that every kind is tried as often
-        log = os.path.join(base, f"attempt-{len(done) + 1}.log")
-        kill = kill_once(interrupted, data_root, steps, kind, rng, warm_up_s, log)
+    for attempt, kind in enumerate(kinds, 1):
+        kill = kill_once(
+            interrupted, data_root, steps, kind, rng, warm_up_s, os.path.join(base, f"attempt-{attempt}.log")
+        )
         if kill is None:
-            raise AssertionError(f"the run finished before kill {len(done) + 1}: give it more steps than {steps}")
+            raise AssertionError(f"the run finished before interruption {attempt}: give it more steps than {steps}")
         warm_up_s = kill.warmed_up_s or warm_up_s
         done.append(kill)
     output = finish(interrupted, data_root, steps, os.path.join(base, "final.log"))
-    finish(straight, data_root, steps, os.path.join(base, "straight.log"))
+    settings = {key.replace(".", "__"): value for key, value in SETTINGS.items()}
+    train.train(run_config(data_root, total_steps=steps, **settings), straight)
 
     chex.assert_trees_all_equal(final_state(interrupted, steps), final_state(straight, steps))
     got, expected = comparable_rows(interrupted), comparable_rows(straight)
     assert got == expected, "metrics rows differ from the uninterrupted run's"
+    sigkills = [k for k in done if k.kind != "term"]
     return {
-        "kills": len(done),
+        "kills": len(sigkills),
         "kills_by_kind": {kind: sum(k.kind == kind for k in done) for kind in KINDS},
-        "inside_checkpoint_writes": sum(k.inside_write for k in done),
+        "preempted_at": [k.preempted_at for k in done if k.kind == "term"],
+        "inside_checkpoint_writes": sum(k.inside_write for k in sigkills),
         "resumes_from": [k.resumed_from for k in done] + [resumed_from(output)],
         "kill_times_s": [k.at_s for k in done],
         "rows_compared": len(got),
@@ -219,6 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--terms", type=int, default=0, help="SIGTERM preemptions before the kills")
     parser.add_argument("--steps", type=int, default=60, help="the run's total steps (more kills need more)")
     parser.add_argument("--data_root", default=None, help="generated data (default: generated in a temporary folder)")
     args = parser.parse_args()
@@ -231,7 +260,7 @@ def main() -> None:
 
         data_root = os.path.join(base, "data")
         inputs.ensure_synthetic_data(run_config(data_root))
-    json.dump(run(args.kills, args.seed, data_root, base, args.steps), sys.stdout)
+    json.dump(run(args.kills, args.seed, data_root, base, args.steps, args.terms), sys.stdout)
     sys.stdout.write("\n")
 
 
