@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from contextblip_jax.convert.errors import ConversionError
+from contextblip_jax.data.imagecode import is_plain_name
 
 SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -77,7 +78,8 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
     if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
         raise ConversionError(index_path, ["weight_map must be a JSON object of tensor name -> shard file name"])
     shards = sorted(set(weight_map.values()))
-    outside = [shard for shard in shards if not _is_plain_name(shard)]
+    # Hugging Face writes plain file names: `../x`, `/etc/x` or `a/b` would read files outside the checkpoint.
+    outside = [shard for shard in shards if not shard or not is_plain_name(shard)]
     if outside:
         raise ConversionError(
             index_path, [f"shard {shard!r} is not a file name in the index's folder" for shard in outside]
@@ -91,12 +93,6 @@ def _read_sharded(index_path: str) -> dict[str, np.ndarray]:
         read = _read_safetensors if shard.endswith(".safetensors") else _read_pickle
         tensors.update(read(shard_path))
     return tensors
-
-
-def _is_plain_name(name: str) -> bool:
-    """A file name in the index's own folder, as Hugging Face writes shards: `../x`, `/etc/x` or `a/b` would make
-    an index read files outside the checkpoint (the rule of `data.imagecode.is_plain_name`)."""
-    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0")) and not os.path.isabs(name)
 
 
 def _check_regular_file(path: str) -> None:

@@ -14,7 +14,6 @@ frozen process 1: 6.7 with `--heartbeat_timeout_s=10`, 96.5 with jax's default 1
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from contextblip_jax.telemetry import read_metrics
+from tests.reliability.kills import checkpoint_folders
 from tests.runs import ROOT, device_env, train_command
 
 HEARTBEAT_TIMEOUT_S = 10
@@ -58,8 +58,7 @@ def processes(commands: list[list[str]], logs: Path) -> Iterator[list[subprocess
 
 def committed_steps(workdir: Path) -> list[int]:
     """Finalised checkpoints: Orbax renames `N.orbax-checkpoint-tmp` to `N` once every process has written."""
-    folder = workdir / "checkpoints"
-    return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if folder.exists() else []
+    return sorted(map(int, checkpoint_folders(str(workdir))[0]))
 
 
 @pytest.mark.long
