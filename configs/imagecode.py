@@ -8,6 +8,12 @@ r"""ImageCoDe fine-tuning with the authors' hyperparameters (their `finetune_not
     python -m contextblip_jax.evaluate --config=configs/imagecode.py:stage=zeroshot --workdir=W_zs \
         --config.data.root=/data/imagecode --config.init=/ckpt/contextblip_stage1
 
+Protocols (`contextblip_jax/protocol.py`): `authors` (default) reproduces the authors' recipe: BLIP's `pre_caption`
+cut to 30 words and 30 tokens, RandomResizedCrop(0.2-1) + BLIP's RandAugment(2, 5) + a plain flip drawn for each
+of the 10 images independently, text and TMIM dropout 0.1, PyTorch-default initialisation of the parts created
+fresh; `:protocol=improved` selects the project's choices (64 tokens, one augmentation draw per set with a flip that
+swaps left/right words). Both keep the best validation model (`W/best.json`), which `init=W` and `evaluate` take.
+
 Stages: zeroshot (ITM match probability), finetune (2a: Adam β 0.9/0.98, eps 1e-6, weight decay 0.2, lr 2e-6 for
 the model and 1e-4 for the head, ×0.95 per epoch, 40 epochs, 36 descriptions per batch, losses summed),
 context (2b: only the inter-context encoder, lr 2e-6, 20 epochs). Epochs come from the stage table
@@ -16,7 +22,7 @@ previous stage's workdir. Variants (`contextblip_jax/models/variants.py`): B/16 
 from epochs with ImageCoDe's 16,594 training descriptions.
 """
 
-from contextblip_jax import stages
+from contextblip_jax import protocol, stages
 from contextblip_jax.models.variants import variant
 from contextblip_jax.trainconfig import base_config, model_dict, parse_args
 
@@ -26,15 +32,19 @@ HEAD_LR = {"zeroshot": 0.0, "finetune": 1e-4, "context": 2e-6}
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, stage="finetune", variant="B/16")
+    args = parse_args(arg, stage="finetune", variant="B/16", protocol="authors")
     stage = stages.get(args["stage"])
     if stage.data != "imagecode":
         raise ValueError(f"configs/imagecode.py runs the ImageCoDe stages {sorted(HEAD_LR)}; use configs/pretrain.py")
     c = base_config()
     c.stage = stage.name
     c.model = model_dict(variant(args["variant"]))
-    c.data.update(batch_size=36, image_size=224, max_text_length=64)
-    c.data.augment.update(random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, flip="text_aware")
+    c.model.init = "torch"
+    c.data.update(batch_size=36, image_size=224)
+    c.data.augment.update(
+        random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, randaugment_magnitude=5
+    )
+    protocol.apply(c, args["protocol"])
     steps_per_epoch = TRAIN_DESCRIPTIONS // c.data.batch_size
     c.total_steps = max(stage.epochs * steps_per_epoch, 1)
     c.optimizer.update(

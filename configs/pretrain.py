@@ -6,26 +6,31 @@ r"""Stage 1: intra-context pre-training on COCO + Visual Genome captions (the au
         --config.init=/ckpt/model_base_14M.pth
 
 Adapter + TMIM train, BLIP frozen: AdamW, weight decay 0.05, lr 3e-4, linear warm-up from 1e-6 over 3,000
-steps, then ×0.9 per epoch (floor 1e-6), 20 epochs, global batch 1,024, 224 px, text cut to 30 tokens (the
-authors' value; `--config.data.max_text_length` changes it), RandomResizedCrop(0.2-1) + RandAugment(2, 5) +
-text-aware flip. `steps_per_epoch` must be set to the caption count / 1,024 of the annotation files used.
+steps, then ×0.9 per epoch (floor 1e-6), 20 epochs over the captions (each caption one example; the steps per
+epoch are the caption count of the annotation files / 1,024, counted at start), global batch 1,024, 224 px.
+`:protocol=authors` (default): `pre_caption` to 30 words, 30 tokens, RandomResizedCrop(0.2-1) + BLIP's
+RandAugment(2, 5) + plain flip, hard negatives within each device's batch, one TMIM guiding position for the
+batch; `:protocol=improved`: 64 tokens, text-aware flip, negatives from the global batch, a real guiding token per
+caption (`contextblip_jax/protocol.py`).
 """
 
-from contextblip_jax import stages
+from contextblip_jax import protocol, stages
 from contextblip_jax.trainconfig import base_config, parse_args
-
-CAPTIONS = 5_700_000  # COCO + VG pairs in BLIP's coco.json + vg.json, approximately
 
 
 def get_config(arg: str = ""):
-    parse_args(arg)
+    args = parse_args(arg, protocol="authors")
     stage = stages.get("pretrain")
     c = base_config()
     c.stage = stage.name
-    c.data.update(batch_size=1024, image_size=224, max_text_length=30)
-    c.data.augment.update(random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, flip="text_aware")
-    steps_per_epoch = CAPTIONS // c.data.batch_size
-    c.total_steps = stage.epochs * steps_per_epoch
+    c.model.init = "torch"
+    c.data.update(batch_size=1024, image_size=224)
+    c.data.augment.update(
+        random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, randaugment_magnitude=5
+    )
+    protocol.apply(c, args["protocol"])
+    c.total_steps = 0  # epochs x the caption count of the annotation files / batch, counted at start
+    c.epochs = stage.epochs
     c.optimizer.update(
         name="adamw",
         b1=0.9,
@@ -38,7 +43,7 @@ def get_config(arg: str = ""):
         warmup_init=1e-6,
         decay_per_epoch=0.9,
         min_lr=1e-6,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=0,
     )
     c.loss.update(itm=1.0, tmim=1.0)
     c.log_every = 50

@@ -11,13 +11,19 @@ and scoring head), evaluates on the validation split and prints where the curve 
     python -m contextblip_jax.train --config=configs/synthetic.py:stage=context --workdir=workdirs/s2b \
         --config.init=workdirs/s2a
 
+`protocol`: empty (default) trains as the main job always has, without augmentation, dropout or text cleaning;
+`authors` or `improved` add that protocol's augmentation, text handling, dropout and stage-1 sampling
+(`contextblip_jax/protocol.py`), for a short end-to-end run of either recipe on generated data:
+
+    python -m contextblip_jax.train --config=configs/synthetic.py:protocol=authors --workdir=workdirs/authors
+
 Stage 1 (`:stage=pretrain`) reads `captions.json`, written beside the generated sets: each training target with
 its description. Point it at another ImageCoDe-layout folder with `--config.data.root=PATH --config.data.synthetic=0`.
 """
 
 import dataclasses
 
-from contextblip_jax import stages
+from contextblip_jax import protocol, stages
 from contextblip_jax.models.config import HeadConfig
 from contextblip_jax.models.variants import variant
 from contextblip_jax.trainconfig import base_config, model_dict, parse_args
@@ -27,7 +33,7 @@ RATES = {"pretrain": (1e-3, 1e-2), "zeroshot": (0.0, 0.0), "finetune": (5e-4, 1e
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, stage="finetune", variant="small")
+    args = parse_args(arg, stage="finetune", variant="small", protocol="")
     stage = stages.get(args["stage"])
     # Trained from scratch: a learned logit scale lets the head tell 10 near-identical candidates apart from the
     # first step, and PyTorch's fan-in initialisation (see HeadConfig and ContextBLIPConfig.init).
@@ -58,4 +64,8 @@ def get_config(arg: str = ""):
         batch_size=16,
     )
     c.eval.batch_size = 32
+    if args["protocol"]:
+        c.data.augment.update(random_resized_crop=True, randaugment_layers=2, randaugment_magnitude=5)
+        protocol.apply(c, args["protocol"])
+        c.data.max_text_length = min(c.data.max_text_length, model.blip.text.max_positions)
     return c

@@ -199,15 +199,13 @@ class RunCheckpoints:
     def directory(self) -> str:
         return str(self._manager.directory)
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def restore_params(self, step: int) -> dict[str, np.ndarray]:
         """Every parameter saved at `step` (trainable and frozen, by dotted path) as host arrays, whatever mesh
         wrote them: what the next stage starts from, and what evaluation and prediction score with."""
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = self._manager.item_metadata(step)["state"]
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if hasattr(m, "shape") else m, metadata
-        )
-        state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        state = _restore_on_host(self._manager, step, "state")
         return {name: np.asarray(value) for group in ("trainable", "frozen") for name, value in state[group].items()}
 
     def close(self) -> None:
@@ -217,3 +215,59 @@ class RunCheckpoints:
                 self._manager.wait_until_finished()
             finally:
                 self._manager.close()
+
+
+class BestParams:
+    """The parameters of a run's best evaluation so far, under `W/best/STEP` (`best.py` decides which is best and
+    names it in `W/best.json`). Kept apart from the run's checkpoints so that `keep_checkpoints` never deletes it;
+    the two newest are kept, so the one `best.json` names survives a kill between a save and that file's update."""
+
+    def __init__(self, workdir: str):
+        _whole_replica_writes_on_cpu()
+        self._manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), BEST_DIR),
+            item_names=("params",),
+            item_handlers={"params": ocp.StandardCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
+        )
+
+    @property
+    def directory(self) -> str:
+        return str(self._manager.directory)
+
+    def save(self, step: int, params: Mapping[str, object]) -> None:
+        """Writes `params` (flat, possibly sharded) as step `step` and returns once it is complete on disk."""
+        with _naming_write_errors(self.directory, step):
+            self._manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params))), force=True)
+            self._manager.wait_until_finished()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore_params(self, step: int) -> dict[str, np.ndarray]:
+        """The parameters saved at `step`, as host arrays whatever mesh wrote them."""
+        return {name: np.asarray(value) for name, value in _restore_on_host(self._manager, step, "params").items()}
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+BEST_DIR = "best"
+
+
+@contextlib.contextmanager
+def _naming_write_errors(directory: str, step: int) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:  # Orbax and tensorstore raise many types for a failed write
+        raise CheckpointWriteError(f"writing step {step} to {directory} failed: {read_failure(error)}") from error
+
+
+def _restore_on_host(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
+    """Item `item` of `step`, every array on this process's first device, whatever mesh wrote it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = manager.item_metadata(step)[item]
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if hasattr(m, "shape") else m, metadata
+    )
+    return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]

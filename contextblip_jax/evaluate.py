@@ -1,7 +1,8 @@
 """`python -m contextblip_jax.evaluate --config=... --workdir=W [--split=valid|test|mmvp]`.
 
-Scores every description of a split against its 10 candidates with the run's latest checkpoint (or, when W has
-none, e.g. for the zero-shot stage, the weights named by `config.init`), prints accuracy overall / video / static
+Scores every description of a split against its 10 candidates with the run's best model (`W/best.json`; with
+`--checkpoint=latest` or `=STEP` another checkpoint; when W has none, e.g. for the zero-shot stage, the weights
+named by `config.init`), prints accuracy overall / video / static
 as JSON, and on the test split writes the leaderboard file `W/test_predictions.json`:
 `{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import stages, trainconfig
+from contextblip_jax import best, checkpoint, stages, trainconfig
 from contextblip_jax.data import inputs
 from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
 from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
@@ -27,6 +29,12 @@ from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder (checkpoints; the leaderboard file goes here).")
 _SPLIT = flags.DEFINE_enum("split", "valid", ["valid", "test", "mmvp"], "ImageCoDe split, or MMVP-VLM.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    "best",
+    "Which of the run's models to score: best (the one W/best.json names; the latest when the run never "
+    "evaluated), latest, or a step number.",
+)
 _MMVP_ROOT = flags.DEFINE_string("mmvp_root", None, "MMVP-VLM folder (Questions.csv + 'MLLM_VLM Images/').")
 
 
@@ -36,7 +44,10 @@ def main(argv: list[str]) -> None:
     config, workdir = _CONFIG.value, _WORKDIR.value
     if _SPLIT.value != "mmvp":
         trainconfig.check_imagecode_folder(config, stages.get(config.stage))
-    scoring = scorer(config, workdir)
+    try:
+        scoring = scorer(config, workdir, best.check_choice(_CHECKPOINT.value))
+    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as error:
+        sys.exit(f"error: {error}")
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:
             raise app.UsageError("--split=mmvp needs --mmvp_root")

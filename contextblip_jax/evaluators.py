@@ -69,11 +69,12 @@ class Scorer:
     step: int
 
 
-def scorer(config: ml_collections.ConfigDict, workdir: str) -> Scorer:
-    """The run's latest checkpoint (or `config.init` when it has none), sharded on the mesh."""
+def scorer(config: ml_collections.ConfigDict, workdir: str, choice: str = "best") -> Scorer:
+    """The run's chosen checkpoint (`weights.run_params`: best, latest or a step; `config.init` when the run has
+    none), sharded on the mesh."""
     stage = trainconfig.check(config)
     mesh = parallel.make_mesh(config.mesh)
-    found = weights.run_model(workdir, jnp.dtype(config.dtype))
+    found = weights.run_model(workdir, jnp.dtype(config.dtype), choice)
     if found is not None:
         model, step = found
     else:
@@ -94,7 +95,7 @@ def mmvp_accuracy(config: ml_collections.ConfigDict, scoring: Scorer, root: str)
     tokenizer = BlipTokenizer(data.vocab)
     return score_mmvp(
         scoring.predict,
-        mmvp.read_pairs(root),
+        mmvp.read_pairs(root, pre_caption_words=data.pre_caption_words),
         lambda texts: tokenizer(texts, data.max_text_length, data.first_token),
         lambda path: load_image(path, data.image_size),
     )

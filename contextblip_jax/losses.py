@@ -2,8 +2,10 @@
 `finetune_notf.py` and `finetune_context.py` for 2a/2b). All in float32.
 
 Hard negatives are sampled from a similarity matrix over the whole batch the function is given. Under `jax.jit`
-with the batch sharded over devices that batch is the global one, so negatives come from every device's
-examples (the authors sample within each GPU's local batch).
+with the batch sharded over devices that batch is the global one, so by default negatives come from every
+device's examples; the authors sample within each GPU's local batch (their `main.py` runs one process per GPU
+under DistributedDataParallel, and `models/multiscale_adapter.py` samples from that process's batch), which
+`groups` reproduces.
 
 Imports: jax and optax only (the model imports this module).
 """
@@ -16,22 +18,33 @@ import optax
 
 
 def sample_hard_negatives(
-    key: jax.Array, similarity: jax.Array, temperature: float | None = None
+    key: jax.Array, similarity: jax.Array, temperature: float | None = None, groups: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """BLIP's ITM negative sampling from `similarity` [B_img, B_txt] (B_img == B_txt, pair i is positive).
 
     Returns (negative image for each text [B], negative text for each image [B]). Weights are
     `softmax(sim / temperature) + 1e-4` with the positive excluded, so it is never drawn; no temperature is the
     authors' choice, BLIP divides by its learned one (about 0.07).
+
+    `groups` > 1 splits the batch into that many consecutive equal blocks (the per-device shards of a global
+    batch sharded in order) and draws each row's negative within its own block, the softmax over that block
+    alone, exactly as if each block were sampled on its own.
     """
+    size = similarity.shape[0]
+    if groups < 1 or size % groups or size // groups < 2:
+        raise ValueError(
+            f"hard negatives: a batch of {size} cannot be split into {groups} equal blocks of at least 2 pairs"
+        )
     sim = similarity.astype(jnp.float32)
     if temperature:
         sim = sim / temperature
-    eye = jnp.eye(sim.shape[0], dtype=bool)
+    block = jnp.arange(size) // (size // groups)
+    same_block = block[:, None] == block[None, :]
+    candidate = same_block & ~jnp.eye(size, dtype=bool)
 
     def draw(k: jax.Array, rows: jax.Array) -> jax.Array:
-        weights = jax.nn.softmax(rows, axis=-1) + 1e-4
-        return jax.random.categorical(k, jnp.where(eye, -jnp.inf, jnp.log(weights)), axis=-1)
+        weights = jax.nn.softmax(jnp.where(same_block, rows, -jnp.inf), axis=-1) + 1e-4
+        return jax.random.categorical(k, jnp.where(candidate, jnp.log(weights), -jnp.inf), axis=-1)
 
     image_key, text_key = jax.random.split(key)
     return draw(image_key, sim.T), draw(text_key, sim)

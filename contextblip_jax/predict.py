@@ -1,8 +1,12 @@
 """`python -m contextblip_jax.predict --workdir=W --text="..." --images=DIR`: rank a set's images for one
-description with a trained run's latest checkpoint and print them, best first, with their scores.
+description with a trained run's best model (`--checkpoint=best`, the default; `latest` or a step number) and
+print them, best first, with their scores.
 
 DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a folder whose name contains
 `open-images` is a static set, any other a video set (the inter-context encoder's positions apply).
+`--config` (optional) is the run's config: the description is cleaned (`data.pre_caption_words`, `pre_caption_rules`)
+and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
+as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
 Imports: the run's weights, the stage table, the data readers.
 """
@@ -16,26 +20,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
-from contextblip_jax import stages, weights
-from contextblip_jax.data import imagecode
+from contextblip_jax import best, stages, weights
+from contextblip_jax.data import imagecode, inputs
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
+from contextblip_jax.data.text_cleaning import clean
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_config.json + checkpoints).")
 _TEXT = flags.DEFINE_string("text", None, "The description.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config, for its text handling (optional).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best (W/best.json; else the latest), latest, or a step.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of candidate images (imgX.jpg).")
 _STAGE = flags.DEFINE_enum(
     "stage", "context", [name for name, row in stages.STAGES.items() if row.evaluates], "Which scores to rank by."
 )
 _MAX_LENGTH = flags.DEFINE_integer(
-    "max_length", None, "Tokens of the description (default: 64, or fewer if the model has fewer positions)."
+    "max_length",
+    None,
+    "Tokens of the description (default: the config's data.max_text_length, else 64; fewer if the model has fewer "
+    "positions).",
 )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    found = weights.run_model(_WORKDIR.value)
+    found = weights.run_model(_WORKDIR.value, choice=best.check_choice(_CHECKPOINT.value))
     if found is None:
         raise app.UsageError(f"{_WORKDIR.value} holds no training checkpoint")
     model, _ = found
@@ -47,8 +58,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"{_IMAGES.value} holds no imgX.jpg files")
     size = config.blip.vision.image_size
     images = jnp.asarray(np.stack([load_image(os.path.join(_IMAGES.value, n), size) for n in names]))[None]
-    length = _MAX_LENGTH.value or min(64, config.blip.text.max_positions)
-    ids, mask = BlipTokenizer()([_TEXT.value], length, "enc")
+    data = inputs.data_config(_CONFIG.value, train=False) if _CONFIG.value else None
+    default_length = data.max_text_length if data else 64
+    length = _MAX_LENGTH.value or min(default_length, config.blip.text.max_positions)
+    text = clean(_TEXT.value, data.pre_caption_words, data.pre_caption_rules) if data else _TEXT.value
+    tokenizer = BlipTokenizer(data.vocab if data else None)
+    ids, mask = tokenizer([text], length, data.first_token if data else "enc")
     is_video = jnp.array([not imagecode.is_static(os.path.basename(os.path.normpath(_IMAGES.value)))])
     batch = {"images": images, "input_ids": ids, "attention_mask": mask, "is_video": is_video}
     scores = np.asarray(jax.device_get(stages.get(_STAGE.value).score(model, batch)))[0]

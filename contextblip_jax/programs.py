@@ -7,12 +7,14 @@ shardings, donation, logical-axis rules, dtype, remat and gradient accumulation.
     state, metrics = programs.train_step(state, batch)
     scores = programs.predict(state.trainable, state.frozen, batch)
 
-Imports: the model's remat switch, `optim.py`, `parallel.py`, `step.py` and the stage table; never the trainer.
+Imports: the model's runtime switches (remat, attention, dropout), `optim.py`, `parallel.py`, `step.py` and the
+stage table; never the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +23,12 @@ import ml_collections
 import optax
 
 from contextblip_jax import optim, parallel
-from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_remat
+from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_dropout, set_remat
 from contextblip_jax.stages import Stage
 from contextblip_jax.step import ModelSpec, Params, TrainState, make_predict_step, make_train_step, split_model
+
+NEGATIVES = ("global", "per_device")
+"""Where stage 1 draws hard negatives from (`loss.negatives`): the whole global batch, or each device's shard."""
 
 
 @dataclasses.dataclass
@@ -48,13 +53,23 @@ def build(
     mesh: jax.sharding.Mesh,
     steps_per_epoch: int,
 ) -> Programs:
-    """Splits `model` (after setting the config's remat and attention) and jits the train and predict steps on `mesh`.
+    """Splits `model` (after setting the config's remat, attention and dropout) and jits the train and predict
+    steps on `mesh`.
 
     The train step donates its state and returns it with the same shardings; the predict step takes the state's
-    parameters and a batch in the shardings the trainer and its evaluators already give them.
+    parameters and a batch in the shardings the trainer and its evaluators already give them. With
+    `loss.negatives == "per_device"` stage 1 draws its hard negatives within each of the data × fsdp batch shards.
+    Configs written before `dropout`, `loss.negatives` existed run as their defaults (no dropout, global).
     """
     set_remat(model, tuple(config.remat))
     set_attention(model, config.attention)
+    dropout = config.get("dropout") or {}
+    set_dropout(model, dropout.get("text", 0.0), dropout.get("tmim", 0.0))
+    negatives = config.loss.get("negatives", "global")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"loss.negatives {negatives!r} unknown; choose from {NEGATIVES}")
+    per_device = negatives == "per_device" and stage.data == "captions"  # only stage 1 draws negatives
+    shards = math.prod(dict(mesh.shape)[axis] for axis in parallel.BATCH_AXES) if per_device else 1
     spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
     param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
     tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
@@ -68,7 +83,9 @@ def build(
         opt_state=parallel.optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, mesh),
     )
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = make_train_step(spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps)
+    step_fn = make_train_step(
+        spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps, batch_shards=shards
+    )
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding),

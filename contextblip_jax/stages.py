@@ -30,7 +30,9 @@ from contextblip_jax.models.contextblip import ContextBLIP, trainable_filter
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[ContextBLIP, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
-"""`loss(model, batch, key, loss_config) -> (scalar, metrics)`; `loss_config` is the run config's `loss`."""
+"""`loss(model, batch, key, loss_config) -> (scalar, metrics)`; `loss_config` is the run config's `loss`, plus
+`negative_groups` when the train step draws stage 1's negatives per device (`step.make_train_step`). Every loss
+trains with dropout on (`nnx.Rngs` from `key`; its rates: `contextblip.set_dropout`, `ContextConfig.dropout`)."""
 ScoreFn = Callable[..., jax.Array]
 """`score(model, batch, rngs=None) -> [B, candidates]`; the prediction is the argmax; `rngs` enables dropout."""
 
@@ -75,8 +77,18 @@ class Stage:
 
 
 def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any):
+    """Negatives and masks draw from one half of `key`, dropout from the other, so that neither reuses the
+    other's draws; at dropout rate 0 the dropout half is never used."""
+    loss_key, dropout_key = jax.random.split(key)
     terms = model.pretrain_losses(
-        batch["images"], batch["input_ids"], batch["attention_mask"], key, config.temperature or None
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        loss_key,
+        config.temperature or None,
+        groups=config.get("negative_groups", 1),
+        tmim_token=config.get("tmim_token", "example"),
+        rngs=nnx.Rngs(dropout=dropout_key),
     )
     total = config.itm * terms["itm"] + config.tmim * terms["tmim"]
     if "mask_prediction" in terms:
@@ -90,8 +102,7 @@ def _zero_shot_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = 
 
 
 def _finetune_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
-    del rngs
-    return model.finetune_logits(batch["images"], batch["input_ids"], batch["attention_mask"])
+    return model.finetune_logits(batch["images"], batch["input_ids"], batch["attention_mask"], rngs)
 
 
 def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:

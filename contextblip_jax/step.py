@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
@@ -65,6 +66,23 @@ def split_model(model: ContextBLIP, trainable: nnx.filterlib.Filter) -> tuple[Mo
     return ModelSpec(graphdef, rest, paths), trained, frozen
 
 
+def micro_batch_groups(batch_shards: int, accum_steps: int) -> int:
+    """How many per-device blocks each micro-batch holds, in order: the global batch is sharded in order into
+    `batch_shards` consecutive blocks, and `make_train_step` cuts it into `accum_steps` consecutive micro-batches.
+
+    Either each micro-batch is `batch_shards / accum_steps` whole blocks, or it lies inside one block (1); a
+    micro-batch straddling a block boundary has no per-device split, so that combination is refused.
+    """
+    if batch_shards % accum_steps == 0:
+        return batch_shards // accum_steps
+    if accum_steps % batch_shards == 0:
+        return 1
+    raise ValueError(
+        f"per-device hard negatives need grad_accum_steps {accum_steps} and the {batch_shards} batch shards "
+        "(data × fsdp) to divide one another: otherwise a micro-batch straddles two devices' examples"
+    )
+
+
 def make_train_step(
     spec: ModelSpec,
     stage: Stage,
@@ -72,14 +90,21 @@ def make_train_step(
     tx: optax.GradientTransformation,
     seed: int,
     accum_steps: int = 1,
+    batch_shards: int = 1,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """One optimizer step of `stage` over a global batch, accumulating gradients over `accum_steps` micro-batches.
 
     Losses summed over examples (`stage.reduction == "sum"`: the candidate cross-entropy) add up across
     micro-batches; averaged ones (stage 1) average. `loss_config` is the run config's `loss` section.
+    `batch_shards` > 1: stage 1 draws hard negatives within each device's examples, the batch's `batch_shards`
+    in-order shards; the loss sees a micro-batch, so it gets that micro-batch's blocks (`micro_batch_groups`)
+    as `loss_config.negative_groups`.
     """
     if stage.loss is None:
         raise ValueError(f"stage {stage.name!r} does not train")
+    groups = micro_batch_groups(batch_shards, accum_steps)
+    if groups > 1:
+        loss_config = ml_collections.ConfigDict({**loss_config, "negative_groups": groups})
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state.step)

@@ -22,7 +22,19 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import aot, checkpoint, hostmem, optim, parallel, programs, skipped, targets, trainconfig, weights
+from contextblip_jax import (
+    aot,
+    best,
+    checkpoint,
+    hostmem,
+    optim,
+    parallel,
+    programs,
+    skipped,
+    targets,
+    trainconfig,
+    weights,
+)
 from contextblip_jax.data import inputs
 from contextblip_jax.data.pipeline import make_global_batch
 from contextblip_jax.evaluators import build_evaluators
@@ -133,6 +145,8 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
     # ---- Shardings and steps: built as `--compile_only` builds them (programs.py) ----------------------------
     epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
     steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps
+    total_steps = config.total_steps or config.get("epochs", 0) * steps_per_epoch
+    logging.info("%d steps of %d examples (%d steps per epoch)", total_steps, config.data.batch_size, steps_per_epoch)
     built = programs.build(config, stage, model, mesh, steps_per_epoch)
     del model
     trainable, frozen, tx, state_sharding = built.trainable, built.frozen, built.tx, built.state_sharding
@@ -158,30 +172,33 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
         start, state, counters = resumed
         logging.info("resumed from step %d", start)
     skips = skipped.SkipCount(counters.get(skipped.METRIC, 0))
-    telemetry = Telemetry(workdir, config.total_steps)
+    telemetry = Telemetry(workdir, total_steps)
     telemetry.truncate_after(start)
 
     # ---- Evals: built once (each reads its split now), run at every evaluation ---------------------------------
     evaluators = build_evaluators(config, stage, mesh)
     predict = built.predict if evaluators else None
-    best: dict[str, dict] = {}
+    best_rows: dict[str, dict] = {}
+    keeper = best.BestKeeper(workdir, best.Criterion.from_config(config)) if evaluators else None
 
     def evaluate(step: int, state: TrainState) -> None:
         for evaluator in evaluators:
             row = evaluator.run(lambda batch: predict(state.trainable, state.frozen, batch), step)
             telemetry.write(row)
             logging.info("step %d %s: %s", step, evaluator.split, row)
-            if row["acc"] > best.get(evaluator.split, {}).get("acc", -1):
-                best[evaluator.split] = row
+            if keeper.offer(row, lambda: {**state.trainable, **state.frozen}):
+                logging.info("step %d is the best so far (%s): kept in %s", step, best.BEST_FILE, workdir)
+            if row["acc"] > best_rows.get(evaluator.split, {}).get("acc", -1):
+                best_rows[evaluator.split] = row
 
     # ---- Loop --------------------------------------------------------------------------------------------
     last_good = start
     examples = config.data.batch_size
     tick, tick_step = time.perf_counter(), start
-    for step in range(start + 1, config.total_steps + 1):
+    for step in range(start + 1, total_steps + 1):
         batch = make_global_batch(skips.take(next(iterator)), batch_sharding)
         state, metrics = train_step(state, batch)
-        if step % config.log_every == 0 or step == config.total_steps:
+        if step % config.log_every == 0 or step == total_steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if config.nan_check and not math.isfinite(metrics["loss"]):
                 _stop_on_nan(checkpoints, metrics["loss"], step, last_good)
@@ -198,10 +215,10 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
             }
             telemetry.write(row)
             telemetry.progress(step, metrics["loss"], rate)
-        if config.eval_every and step % config.eval_every == 0 and step != config.total_steps:
+        if config.eval_every and step % config.eval_every == 0 and step != total_steps:
             evaluate(step, state)
         stop = preempted.agreed(step)
-        if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+        if step % config.checkpoint_every == 0 or step == total_steps or stop:
             loss = float(jax.device_get(metrics["loss"]))
             if config.nan_check and not math.isfinite(loss):
                 _stop_on_nan(checkpoints, loss, step, last_good)
@@ -210,13 +227,17 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
         if stop:
             checkpoints.close()
             telemetry.close()
+            if keeper is not None:
+                keeper.close()
             logging.info("preempted at step %d: checkpoint saved", step)
             return {"preempted_at": step}
     checkpoints.close()
-    evaluate(config.total_steps, state)
+    evaluate(total_steps, state)
+    if keeper is not None:
+        keeper.close()
     telemetry.close()
     plot = telemetry.plot()
-    return {"best": best, "plot": plot, "metrics": f"{workdir}/metrics.jsonl"}
+    return {"best": best_rows, "plot": plot, "metrics": f"{workdir}/metrics.jsonl"}
 
 
 class NonFiniteLoss(RuntimeError):

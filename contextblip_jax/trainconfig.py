@@ -68,11 +68,20 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "finetune"  # a row of `stages.STAGES`: pretrain (1), zeroshot, finetune (2a), context (2b)
     c.seed = 0  # model initialisation, dropout, TMIM masks and hard negatives (folded with the step)
-    c.total_steps = 1000  # optimizer steps of the whole run
+    c.protocol = ""  # the protocol the config file applied (`contextblip_jax/protocol.py`): authors | improved
+    c.total_steps = 1000  # optimizer steps of the whole run; 0: `epochs` × steps per epoch
+    c.epochs = 0  # with total_steps 0: epochs of optimizer.steps_per_epoch steps (0 there: counted from the data)
     c.log_every = 10  # steps between train rows in metrics.jsonl
     c.eval_every = 200  # steps between validation passes (0: only at the end)
     c.checkpoint_every = 200  # steps between checkpoints (one is also written at the end and on SIGTERM)
-    c.keep_checkpoints = 2  # newest checkpoints kept on disk
+    c.keep_checkpoints = 2  # newest checkpoints kept on disk (the best model is kept apart, see `best`)
+    c.best = ml_collections.ConfigDict(
+        dict(
+            split="valid",  # evaluation rows that compete for W/best.json and W/best/STEP (best.py)
+            metric="acc",  # the row's field compared
+            mode="max",  # max: higher is better | min
+        )
+    )
     c.mesh = (-1, 1, 1)  # sizes of the (data, fsdp, tensor) mesh axes; -1 = the remaining devices
     c.logical_rules = ()  # (logical axis, mesh axes) pairs; empty = parallel.DEFAULT_RULES
     c.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
@@ -81,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # micro-batches per optimizer step, inside the jitted step
     c.trainable = ""  # regex over dotted parameter paths that train; empty = the stage's default
     c.init = ""  # weights to start from: empty = random; a converted folder, a PyTorch checkpoint, a workdir
+    c.init_checkpoint = "best"  # init = a workdir: its best (best.json; else latest) | latest | a step number
     c.nan_check = True  # stop (keeping the last good checkpoint) when the loss is NaN or Inf
     c.model = model_dict(ContextBLIPConfig())  # ContextBLIPConfig fields, nested (models/config.py)
     c.optimizer = ml_collections.ConfigDict(
@@ -107,6 +117,18 @@ def base_config() -> ml_collections.ConfigDict:
             tmim=1.0,  # stage 1: weight of the TMIM reconstruction loss
             mask_prediction=0.0,  # stage 1: weight of the optional mask-prediction loss
             temperature=0.0,  # hard-negative sampling temperature (0: none, as the authors)
+            # stage 1 hard negatives drawn from: global (the whole batch) | per_device (each data × fsdp shard of
+            # the micro-batch, as the authors' per-GPU batch; grad_accum_steps and the shard count must divide)
+            negatives="global",
+            # TMIM's guiding text token: example (a real token of each caption) | batch (the authors: one position
+            # for the whole batch, padding included; models/tmim.py choose_text_positions)
+            tmim_token="example",
+        )
+    )
+    c.dropout = ml_collections.ConfigDict(
+        dict(
+            text=0.0,  # BLIP text encoder dropout in training (embeddings, attention, hidden): authors 0.1
+            tmim=0.0,  # TMIM decoder dropout in training: authors 0.1 (their configs/bert_config.json)
         )
     )
     c.data = dataclass_section(DataConfig())  # DataConfig fields (data/pipeline.py), augment: AugmentConfig
@@ -133,6 +155,11 @@ def check(config: ml_collections.ConfigDict) -> stages.Stage:
         raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16, not {config.dtype}")
     if config.data.root and not config.data.synthetic and not os.path.isdir(config.data.root):
         raise FileNotFoundError(f"data root {config.data.root} does not exist")
+    if config.total_steps < 0 or config.get("epochs", 0) < 0 or not (config.total_steps or config.get("epochs", 0)):
+        raise ValueError(
+            f"total_steps {config.total_steps} and epochs {config.get('epochs', 0)}: set total_steps > 0, or "
+            "total_steps=0 and epochs > 0"
+        )
     if config.grad_accum_steps < 1 or config.data.batch_size % config.grad_accum_steps:
         raise ValueError(
             f"data.batch_size {config.data.batch_size} is not divisible by grad_accum_steps {config.grad_accum_steps}"

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from contextblip_jax import losses
 from tests.runs import device_env
@@ -31,6 +32,30 @@ def test_harder_negatives_are_drawn_more_often():
     keys = jax.random.split(jax.random.key(0), 2000)
     images, _ = jax.vmap(lambda k: losses.sample_hard_negatives(k, sim, 0.1))(keys)
     assert np.mean(np.asarray(images[:, 0]) == 1) > 0.95  # text 0's hardest negative image is image 1
+
+
+def test_per_device_negatives_stay_in_their_block():
+    """groups=2: each row's negative is another pair of its own half (a device's shard); groups=1 crosses."""
+    rng = np.random.default_rng(0)
+    sim = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+    keys = jax.random.split(jax.random.key(0), 500)
+    rows, block = np.arange(8), np.arange(8) // 4
+    crossed = 0
+    for groups in (2, 1):
+        images, texts = jax.vmap(lambda k, g=groups: losses.sample_hard_negatives(k, sim, None, g))(keys)
+        for drawn in (np.asarray(images), np.asarray(texts)):
+            assert (drawn != rows).all()
+            if groups == 2:
+                assert (drawn // 4 == block).all()
+            else:
+                crossed += int((drawn // 4 != block).sum())
+    assert crossed > 0.4 * 2 * 500 * 8  # 4 of a row's 7 candidates lie in the other half
+
+
+def test_per_device_negatives_refuse_a_batch_that_does_not_split():
+    for size, groups in ((6, 4), (4, 4)):
+        with pytest.raises(ValueError, match="equal blocks of at least 2 pairs"):
+            losses.sample_hard_negatives(jax.random.key(0), jnp.zeros((size, size)), None, groups)
 
 
 def test_itm_loss_labels_positives_one_and_negatives_zero():

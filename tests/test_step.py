@@ -20,7 +20,7 @@ from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.variants import VARIANTS
 from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
 from contextblip_jax.trainconfig import base_config
-from tests.tiny import tiny_contextblip
+from tests.tiny import stage_batch, tiny_contextblip
 
 pytestmark = pytest.mark.xdist_group("test_step")  # one worker computes each cached `one_step` once
 
@@ -40,21 +40,7 @@ tested (accumulation, the frozen/trainable split) does not depend on depth, and 
 
 def batch(stage: stages.Stage | None = None) -> dict[str, jax.Array]:
     """Descriptions x 10 candidates, or (for a caption stage) each description with its first candidate."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1000, 2000, size=(DESCRIPTIONS, 8))
-    ids[:, 0] = 30523
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    full = {
-        "images": jnp.asarray(rng.standard_normal((DESCRIPTIONS, CANDIDATES, 32, 32, 3)), jnp.float32),
-        "input_ids": jnp.asarray(ids, jnp.int32),
-        "attention_mask": jnp.asarray(mask, jnp.int32),
-        "target": jnp.asarray([3, 0, 2, 1], jnp.int32),
-        "is_video": jnp.asarray([True, False, True, True]),
-    }
-    if stage is not None and stage.data == "captions":
-        full["images"] = full["images"][:, 0]
-    return {name: full[name] for name in (stage.batch_fields if stage else full)}
+    return stage_batch(stage, [3, 0, 2, 1], [True, False, True, True], CANDIDATES, length=8, padded_from=5)
 
 
 @functools.cache

@@ -56,11 +56,13 @@ def load_contextblip(
     image_size: int | None = None,
     model_config: Mapping[str, Any] | None = None,
     seed: int = 0,
+    init: str | None = None,
 ) -> ContextBLIP:
     """A `ContextBLIP` from a converted folder, an authors' checkpoint, or a plain BLIP checkpoint.
 
     Parts the source lacks (everything but BLIP for a BLIP checkpoint; TMIM or the heads for the authors' stage
-    files) start from a fresh initialisation drawn from `seed`.
+    files) start from a fresh initialisation drawn from `seed` as `init` says (`ContextBLIPConfig.init`; None: the
+    default of the config built from the source, or the one a converted ContextBLIP folder records).
     """
     path = os.fspath(path)
     if directory.is_converted(path):
@@ -68,9 +70,9 @@ def load_contextblip(
         if metadata.get("model", "blip") == "blip":
             config = ContextBLIPConfig(blip=config)
             params = {f"blip.{name}": value for name, value in params.items()}
-        return build_contextblip(config, params, dtype, seed)
+        return build_contextblip(config, params, dtype, seed, init)
     conversion = convert_any(path, "contextblip", with_image_size(model_config, image_size, nested=True))
-    return build_contextblip(conversion.config, conversion.params, dtype, seed)
+    return build_contextblip(conversion.config, conversion.params, dtype, seed, init)
 
 
 def itm_first_token(path: str) -> str:

@@ -115,9 +115,16 @@ def contextblip_from_blip(converted: ConvertedBlip, overrides: Mapping[str, Any]
 
 
 def build_contextblip(
-    config: ContextBLIPConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32, seed: int = 0
+    config: ContextBLIPConfig,
+    params: Mapping[str, np.ndarray],
+    dtype: jnp.dtype = jnp.float32,
+    seed: int = 0,
+    init: str | None = None,
 ) -> ContextBLIP:
-    """A ContextBLIP holding `params`; parameters not given keep a fresh initialisation from `seed`."""
+    """A ContextBLIP holding `params`; parameters not given keep a fresh initialisation from `seed`, drawn as
+    `init` says (`ContextBLIPConfig.init`; None: as `config` says). The model's config records the init used."""
+    if init is not None:
+        config = dataclasses.replace(config, init=init)
     if len(params) == len(param_shapes(lambda: ContextBLIP(config, rngs=nnx.Rngs(0)))):
         return load_params(nnx.eval_shape(lambda: ContextBLIP(config, dtype=dtype, rngs=nnx.Rngs(0))), params)
     return load_params(ContextBLIP(config, dtype=dtype, rngs=nnx.Rngs(seed)), params)

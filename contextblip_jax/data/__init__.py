@@ -7,7 +7,8 @@ records.py     TFDS builders writing array_record (no TensorFlow) and sources re
 synthetic.py   generated ImageCoDe-layout data for the CPU main job and the tests
 mmvp.py        MMVP-VLM statement pairs
 preprocess.py  tokenizer, JPEG decoding, resize + CLIP normalisation
-augment.py     random resized crop, light RandAugment, text-aware flip
+augment.py     random resized crop, RandAugment (the project's ops or BLIP's), flips; shared or per image
+text_cleaning.py  the authors' `pre_caption` text cleaning (fine-tuning and stage-1 rules)
 transforms.py  per-example work done in the pipeline's workers
 pipeline.py    grain: shards, shuffle, batches, resumable iterators, global jax.Arrays
 inputs.py      what a run reads, from its config: a stage's training input, the generated main-job data

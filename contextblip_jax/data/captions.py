@@ -2,8 +2,10 @@
 
 Each annotation file is a JSON list of `{"image": "<path relative to the image root>", "caption": text}`; some
 files give a list of captions per entry instead of one text. Extra fields (`image_id`, ...) are ignored.
-Entries are grouped per image: one example is one image with all its captions, and the pipeline draws one
-caption per visit. This keeps each image once per epoch and lets records store each JPEG once.
+Entries are grouped per image. By default one example is one image with all its captions, and the pipeline
+draws one caption per visit: each image once per epoch, and records store each JPEG once. `per_caption` makes
+one example per (image, caption) pair instead, as the authors' `pretrain_dataset` iterates: an epoch is then
+one pass over the captions.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from absl import logging
 
 from contextblip_jax.data.errors import DataError, ErrorPolicy, unreadable_record
@@ -94,22 +97,44 @@ def caption_record(example: CaptionedImage, example_id: int) -> dict[str, Any]:
     return {"example_id": example_id, "image_name": example.image, "captions": example.captions, "image": data}
 
 
+def caption_pairs(examples: Sequence[CaptionedImage]) -> np.ndarray:
+    """[captions, 2] (image index, caption index within the image) of every caption, in order: an index kept
+    as arrays because COCO + VG have over a million captions and grain copies the source into every worker."""
+    counts = np.array([len(e.captions) for e in examples], np.int64)
+    image = np.repeat(np.arange(len(examples)), counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([image, np.arange(len(image)) - first], axis=1)
+
+
 class CaptionSource:
     """Random-access grain source over caption files and an image folder: `source[i]` = `caption_record`, or
-    `errors.unreadable_record` when the image cannot be read (the transform then raises or skips)."""
+    `errors.unreadable_record` when the image cannot be read (the transform then raises or skips).
 
-    def __init__(self, annotation_files: Sequence[str], image_root: str, on_error: str = "raise"):
+    per_caption: element i is the i-th (image, caption) pair, its record holding that caption only, so the
+    transform uses it; otherwise element i is image i with all its captions."""
+
+    def __init__(
+        self, annotation_files: Sequence[str], image_root: str, on_error: str = "raise", per_caption: bool = False
+    ):
         self.annotation_files, self.image_root = list(annotation_files), image_root
         self.examples = read_captions(self.annotation_files, image_root, on_error)
+        self.pairs = caption_pairs(self.examples) if per_caption else None
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.examples) if self.pairs is None else len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index] if self.pairs is None else self._pair(index)
         try:
-            return caption_record(self.examples[index], index)
+            return caption_record(example, index)
         except DataError as error:
             return unreadable_record(index, error)
 
+    def _pair(self, index: int) -> CaptionedImage:
+        image, caption = (int(i) for i in self.pairs[index])
+        example = self.examples[image]
+        return dataclasses.replace(example, captions=(example.captions[caption],))
+
     def __repr__(self) -> str:
-        return f"CaptionSource(files={self.annotation_files!r}, image_root={self.image_root!r}, images={len(self)})"
+        unit = "images" if self.pairs is None else "captions"
+        return f"CaptionSource(files={self.annotation_files!r}, image_root={self.image_root!r}, {unit}={len(self)})"

@@ -4,6 +4,9 @@ Layout: `<root>/Questions.csv` with a header and rows `question id, category, st
 `<root>/MLLM_VLM Images/<category>/<question id>.jpg`. Rows come in pairs (ids 2k-1, 2k) of one category;
 statement i describes image i. 9 categories x 15 pairs. A pair counts as correct only when each statement
 scores its own image above the other one; statements are prefixed "a photo of " as in the official script.
+`read_pairs(..., pre_caption_words=N)` cleans the prefixed statements with `pre_caption` like every other text
+of a run with `data.pre_caption_words` N (the authors' BLIP baseline script cleans MMVP statements; their
+ContextBLIP one does not).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from contextblip_jax.data.errors import DataError
+from contextblip_jax.data.text_cleaning import clean
 
 QUESTIONS_FILE = "Questions.csv"
 IMAGE_DIR = "MLLM_VLM Images"
@@ -29,10 +33,13 @@ class MmvpPair:
     question_ids: tuple[int, int]
     statements: tuple[str, str]
     image_paths: tuple[str, str]
+    pre_caption_words: int = 0
 
     @property
     def texts(self) -> tuple[str, str]:
-        return (PROMPT + self.statements[0], PROMPT + self.statements[1])
+        """The two texts as the tokenizer gets them: prefixed, then cleaned when `pre_caption_words` > 0."""
+        first, second = (clean(PROMPT + statement, self.pre_caption_words) for statement in self.statements)
+        return first, second
 
 
 def _row(row: Sequence[str], line: int, path: str) -> tuple[int, str, str]:
@@ -46,8 +53,9 @@ def _row(row: Sequence[str], line: int, path: str) -> tuple[int, str, str]:
     return int(qid), category, statement
 
 
-def read_pairs(root: str, check_images: bool = True) -> list[MmvpPair]:
-    """All statement pairs in file order; errors name the CSV line or the missing image."""
+def read_pairs(root: str, check_images: bool = True, pre_caption_words: int = 0) -> list[MmvpPair]:
+    """All statement pairs in file order; errors name the CSV line or the missing image. `pre_caption_words`:
+    the run's `data.pre_caption_words`, for the pairs' `texts`."""
     path = os.path.join(root, QUESTIONS_FILE)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -66,7 +74,7 @@ def read_pairs(root: str, check_images: bool = True) -> list[MmvpPair]:
         for image in images if check_images else ():
             if not os.path.isfile(image):
                 raise DataError(image, "image not found", f"{cat1} pair {id1},{id2}")
-        pairs.append(MmvpPair(cat1, (id1, id2), (s1, s2), images))
+        pairs.append(MmvpPair(cat1, (id1, id2), (s1, s2), images, pre_caption_words))
     return pairs
 
 

@@ -35,11 +35,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from contextblip_jax.data import captions, imagecode, transforms
+from contextblip_jax.data import captions, imagecode, text_cleaning, transforms
 from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.errors import check_on_error
 
 SOURCES = ("folder", "tfds")
+CAPTION_SAMPLING = ("image", "caption")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class DataConfig:
     root: ImageCoDe folder (train_data.json, valid_data.json, test_data_unlabeled.json, image-sets/), or for
         captions the image root. source: "folder" reads it directly; "tfds" reads `records.py`'s array_record
         files from tfds_dir. annotations: BLIP caption JSON files (captions only).
+    caption_sampling (captions only): "image", one example per image, a caption drawn per visit; "caption", one
+        example per (image, caption) pair, so an epoch is one pass over the captions as in the authors' stage 1
+        (needs source "folder"; the epoch length is the caption count).
     on_error: "raise" or "skip" damaged examples, also images lost while a run is in progress (counted in the
         logs and in the train rows' `skipped_examples`, a run total kept in its checkpoints).
     image_size: square side after the bicubic resize. max_text_length: tokens, 64 for ImageCoDe (30 truncates
@@ -60,8 +64,14 @@ class DataConfig:
     seed: shuffle and augmentation seed. shuffle: training order shuffled. num_epochs: training epochs, None =
         forever. jpeg_draft: let libjpeg decode large JPEGs at reduced scale (faster, not bit-exact).
     vocab: tokenizer source (see `BlipTokenizer`), None = bundled bert-base-uncased.
+    pre_caption_words: 0 tokenises texts as given; N > 0 first cleans each text with the authors' fine-tuning
+        `pre_caption(text, N)` (`text_cleaning.py`; they use 30): descriptions and captions here, `predict.py
+        --config`'s text, MMVP statements read with `mmvp.read_pairs(..., pre_caption_words=N)`.
+        pre_caption_rules: "albef" (the authors' fine-tuning and evaluation rules: punctuation deleted) or "blip"
+        (their stage-1 reader's: `.!"()*#:;~` become spaces, `,'?-/` stay).
     augment: `AugmentConfig` fields (random_resized_crop, crop_scale, crop_ratio, randaugment_layers,
-        randaugment_magnitude, flip "off"|"text_aware", flip_probability), training only.
+        randaugment_magnitude, ops "project"|"blip", flip "off"|"text_aware"|"plain", flip_probability,
+        per_image: one draw per image instead of one per example), training only.
     """
 
     root: str = ""
@@ -82,6 +92,9 @@ class DataConfig:
     num_epochs: int | None = None
     jpeg_draft: bool = False
     vocab: str | None = None
+    pre_caption_words: int = 0
+    pre_caption_rules: str = "albef"
+    caption_sampling: str = "image"
     augment: AugmentConfig | Mapping[str, Any] = dataclasses.field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -96,6 +109,14 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.workers < 0 or self.threads < 0 or self.prefetch < 0:
             raise ValueError("data.workers, data.threads and data.prefetch must be >= 0")
+        if self.pre_caption_words < 0:
+            raise ValueError(f"data.pre_caption_words must be >= 0 (0: no cleaning), got {self.pre_caption_words}")
+        if self.pre_caption_rules not in text_cleaning.RULES:
+            raise ValueError(
+                f"data.pre_caption_rules must be one of {text_cleaning.RULES}, got {self.pre_caption_rules!r}"
+            )
+        if self.caption_sampling not in CAPTION_SAMPLING:
+            raise ValueError(f"data.caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
 
     @classmethod
     def from_config(cls, config: Any = None, **overrides: Any) -> DataConfig:
@@ -139,11 +160,15 @@ def imagecode_source(config: DataConfig, split: str):
 
 
 def caption_source(config: DataConfig):
+    """Stage 1's source: one element per image, or per (image, caption) pair under `caption_sampling="caption"`."""
+    per_caption = config.caption_sampling == "caption"
     if config.source == "tfds":
+        if per_caption:  # records hold one image each; indexing their captions would read every record's JPEG
+            raise ValueError('data.caption_sampling="caption" needs data.source="folder" (records are per image)')
         from contextblip_jax.data import records
 
         return records.CaptionRecords(config.tfds_dir, "train")
-    return captions.CaptionSource(config.annotations, config.root, config.on_error)
+    return captions.CaptionSource(config.annotations, config.root, config.on_error, per_caption)
 
 
 def _prepare_kwargs(config: DataConfig, train: bool) -> dict[str, Any]:
@@ -156,6 +181,8 @@ def _prepare_kwargs(config: DataConfig, train: bool) -> dict[str, Any]:
         "on_error": config.on_error,
         "jpeg_draft": config.jpeg_draft,
         "vocab": config.vocab,
+        "pre_caption_words": config.pre_caption_words,
+        "pre_caption_rules": config.pre_caption_rules,
     }
 
 

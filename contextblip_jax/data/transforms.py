@@ -27,6 +27,7 @@ from absl import logging
 from contextblip_jax.data import augment, imagecode
 from contextblip_jax.data.errors import SKIPPED_FIELD, DataError, check_on_error, check_readable
 from contextblip_jax.data.preprocess import BlipTokenizer, decode_jpeg, normalize_image, to_normalized_array
+from contextblip_jax.data.text_cleaning import clean
 
 PADDING = {"example_id": -1}
 
@@ -53,6 +54,8 @@ class Prepare:
     on_error: str = "raise"
     jpeg_draft: bool = False
     vocab: str | None = None
+    pre_caption_words: int = 0
+    pre_caption_rules: str = "albef"
     source: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -109,6 +112,9 @@ class Prepare:
         raise NotImplementedError
 
     def tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask of `text`, cleaned first by `pre_caption` when `pre_caption_words` > 0 (the one
+        place every description and caption passes, after any flip: the authors clean just before the model)."""
+        text = clean(text, self.pre_caption_words, self.pre_caption_rules)
         with self._lock:
             if self._tokenizer is None:
                 with _IMPORT_LOCK:
@@ -117,24 +123,26 @@ class Prepare:
         return ids[0], mask[0]
 
     def images(self, blobs, names, where: str, rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
-        """Decoded, (augmented,) resized and normalised [n, S, S, 3]; also whether the draw flipped them."""
+        """Decoded, (augmented,) resized and normalised [n, S, S, 3]; also whether the text must follow a flip
+        (flip="text_aware", whose one draw is shared by all the images; a "plain" flip leaves the text alone)."""
         draft = self.image_size if self.jpeg_draft else None
         decoded = [decode_jpeg(blob, name, where, draft) for blob, name in zip(blobs, names, strict=True)]
         if not (self.train and self.augment.enabled and rng is not None):
             return np.stack([normalize_image(image, self.image_size) for image in decoded]), False
-        draw = augment.sample(rng, self.augment, *decoded[0].size)
-        out = [to_normalized_array(augment.apply(image, draw, self.image_size)) for image in decoded]
-        return np.stack(out), draw.flip
+        draws = augment.sample_all(rng, self.augment, [image.size for image in decoded])
+        out = [augment.apply(image, draw, self.image_size) for image, draw in zip(decoded, draws, strict=True)]
+        mirror_text = self.augment.flip == "text_aware" and draws[0].flip
+        return np.stack([to_normalized_array(image) for image in out]), mirror_text
 
 
 class PrepareImageCode(Prepare):
-    """ImageCoDe record → 10 normalised images, the tokenised description (left/right swapped if flipped)."""
+    """ImageCoDe record → 10 normalised images, the tokenised description (left/right swapped by a text-aware flip)."""
 
     def prepare(self, element: dict[str, Any], example_id: int, rng: np.random.Generator | None) -> dict[str, Any]:
         set_name = element["set_name"]
         names = [f"{imagecode.IMAGE_DIR}/{set_name}/{name}" for name in element["image_names"]]
-        images, flipped = self.images(element["images"], names, set_name, rng)
-        text = augment.flip_text(element["description"]) if flipped else element["description"]
+        images, mirror_text = self.images(element["images"], names, set_name, rng)
+        text = augment.flip_text(element["description"]) if mirror_text else element["description"]
         input_ids, attention_mask = self.tokenize(text)
         return {
             "images": images,
@@ -162,10 +170,10 @@ class PrepareCaption(Prepare):
 
     def prepare(self, element: dict[str, Any], example_id: int, rng: np.random.Generator | None) -> dict[str, Any]:
         name = element["image_name"]
-        images, flipped = self.images([element["image"]], [name], name, rng)
+        images, mirror_text = self.images([element["image"]], [name], name, rng)
         captions = element["captions"]
         caption = captions[int(rng.integers(len(captions)))] if self.train and rng is not None else captions[0]
-        input_ids, attention_mask = self.tokenize(augment.flip_text(caption) if flipped else caption)
+        input_ids, attention_mask = self.tokenize(augment.flip_text(caption) if mirror_text else caption)
         return {
             "images": images[0],
             "input_ids": input_ids,

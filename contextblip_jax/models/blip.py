@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from contextblip_jax.models.config import BlipConfig
-from contextblip_jax.models.layers import Dense
+from contextblip_jax.models.layers import Dense, float32_head
 from contextblip_jax.models.text import TextEncoder, TextOutput
 from contextblip_jax.models.vit import VisionTransformer
 
@@ -31,21 +31,31 @@ class BlipRetrieval(nnx.Module):
         vw, tw = config.vision.width, config.text.width
         self.vision_proj = Dense((vw,), (config.embed_dim,), ("embed", None), dtype=dtype, rngs=rngs)
         self.text_proj = Dense((tw,), (config.embed_dim,), ("embed", None), dtype=dtype, rngs=rngs)
-        self.itm_head = Dense((tw,), (2,), ("embed", None), dtype=dtype, rngs=rngs)
+        self.itm_head = float32_head(tw, 2, rngs=rngs)  # zero-shot ranks candidates by its logits
 
     def image_features(self, images: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> the vision tower's final tokens [B, tokens, vision width] (CLS first)."""
         return self.vision(images).last_hidden_state
 
-    def multimodal(self, image_tokens: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> TextOutput:
-        """The text encoder cross-attending to `image_tokens` (all visible): BLIP's ITM pass."""
+    def multimodal(
+        self,
+        image_tokens: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+    ) -> TextOutput:
+        """The text encoder cross-attending to `image_tokens` (all visible): BLIP's ITM pass. `rngs`: dropout."""
         image_mask = jnp.ones(image_tokens.shape[:2], dtype=bool)
-        return self.text(input_ids, attention_mask, image_tokens, image_mask)
+        return self.text(input_ids, attention_mask, image_tokens, image_mask, rngs=rngs)
 
     def itm_logits_from_features(
-        self, image_tokens: jax.Array, input_ids: jax.Array, attention_mask: jax.Array
+        self,
+        image_tokens: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        first = self.multimodal(image_tokens, input_ids, attention_mask).last_hidden_state[:, 0]
+        first = self.multimodal(image_tokens, input_ids, attention_mask, rngs).last_hidden_state[:, 0]
         return self.itm_head(first).astype(jnp.float32)
 
     def itm_logits(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -60,9 +70,11 @@ class BlipRetrieval(nnx.Module):
         """L2-normalised ITC embedding of the image CLS token [B, embed_dim]."""
         return l2_normalize(self.vision_proj(image_tokens[:, 0]))
 
-    def text_embedding(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """L2-normalised ITC embedding of the unimodal text encoder's first token [B, embed_dim]."""
-        hidden = self.text(input_ids, attention_mask).last_hidden_state
+    def text_embedding(
+        self, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """L2-normalised ITC embedding of the unimodal text encoder's first token [B, embed_dim]. `rngs`: dropout."""
+        hidden = self.text(input_ids, attention_mask, rngs=rngs).last_hidden_state
         return l2_normalize(self.text_proj(hidden[:, 0]))
 
     def itc_similarity(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "quick_gelu")
 """Activation names the towers accept; `gelu` is the exact (erf) GELU both BLIP sources use."""
-INITS = ("bert", "fan_in")
-"""Kernel initialisations a ContextBLIP config may name (`ContextBLIPConfig.init`)."""
+INITS = ("bert", "fan_in", "torch")
+"""Initialisations a ContextBLIP config may name (`ContextBLIPConfig.init`, which says what each draws)."""
 T = TypeVar("T")
 
 
@@ -299,6 +299,25 @@ class HeadConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ContextBLIPConfig:
+    """BLIP's towers plus the parts ContextBLIP adds: adapter, TMIM decoder (and the optional mask head), scoring
+    head, inter-context encoder.
+
+    `init` says how parameters are drawn. Converted weights replace whatever was drawn, so it matters only for the
+    parts a checkpoint lacks (all but BLIP when stage 1 starts from a BLIP checkpoint).
+    - `bert`: every dense and convolution kernel and every table (positions, mask token) N(0, 0.02), biases zero:
+      BLIP's initialisation (BERT's `_init_weights`).
+    - `fan_in`: every dense and convolution kernel of the whole model, BLIP's towers included, U(±1/sqrt(fan_in)),
+      biases zero (`layers.redraw_fan_in`): for models trained from scratch at small widths.
+    - `torch`: BLIP's towers as `bert`; the parts the authors create fresh as their code creates them, with
+      PyTorch's defaults (`layers.redraw_torch`). `nn.Linear` (and `nn.Conv2d`) kernels and biases
+      U(±1/sqrt(fan_in)): the adapter, TMIM's text adapter and pixel head, the mask head, the scoring head and the
+      inter-context encoder's layers (plain `nn.Linear`s and LayerNorms, not a BERT model). N(0, 1): TMIM's mask
+      token (`torch.randn`), its decoder positions and the inter-context positions (`nn.Embedding`). TMIM's decoder
+      layers stay N(0, 0.02): the authors build them as a BERT model, whose `_init_weights` draws that.
+    At N(0, 1) an inter-context position row has norm ≈ sqrt(width) (≈ 28 at 768) against the unit-norm candidate
+    features it is added to (video sets), so positions dominate the encoder's input; at N(0, 0.02) ≈ 0.55.
+    """
+
     blip: BlipConfig = dataclasses.field(default_factory=BlipConfig)
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     tmim: TMIMConfig = dataclasses.field(default_factory=TMIMConfig)
@@ -307,9 +326,7 @@ class ContextBLIPConfig:
     cls_token_id: int = 101
     """`[CLS]`: the ITC pass uses it where the ITM pass has `[ENC]` (hard-negative similarities)."""
     init: str = "bert"
-    """Fresh dense and convolution kernels: `bert` N(0, 0.02), BLIP's; `fan_in` U(±1/sqrt(fan_in)), PyTorch's
-    default (`layers.redraw_fan_in`), for models trained from scratch at small widths. Converted weights replace
-    whatever was drawn, so it only matters for the parts a checkpoint lacks."""
+    """How fresh parameters are drawn: `bert`, `fan_in` or `torch` (see the class docstring)."""
 
     def validate(self) -> None:
         self.blip.validate()

@@ -25,8 +25,8 @@ from contextblip_jax.models.adapter import MultiLevelAdapter
 from contextblip_jax.models.blip import BlipRetrieval, l2_normalize
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.context import InterContextEncoder, ScoringHead
-from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dotted_path, redraw_fan_in
-from contextblip_jax.models.text import TextOutput
+from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Dense, dotted_path, redraw_fan_in, redraw_torch
+from contextblip_jax.models.text import TextOutput, set_dropout_rate
 from contextblip_jax.models.tmim import (
     TMIMDecoder,
     gather_patches,
@@ -69,6 +69,21 @@ def set_attention(model: ContextBLIP, implementation: str) -> None:
         layer.self_attn.implementation = implementation
 
 
+def set_dropout(model: ContextBLIP, text: float, tmim: float) -> None:
+    """BERT's dropout rate in BLIP's text encoder (`text`: embeddings, attention probabilities, hidden states) and
+    in the TMIM decoder's layers (`tmim`); the authors train with 0.1 for both (`configs/bert_config.json`).
+
+    A runtime choice like remat, set on a built model: it has no parameters, and runs only on the calls given
+    `rngs` (the training losses), never at evaluation. At rate 0 no dropout draws anything, whatever the rngs.
+    The inter-context encoder keeps its own rate (`ContextConfig.dropout`).
+    """
+    for name, rate in (("text", text), ("tmim", tmim)):
+        if not 0 <= rate < 1:
+            raise ValueError(f"{name} dropout {rate} must lie in [0, 1)")
+    set_dropout_rate(model.blip.text, text)
+    set_dropout_rate(model.tmim.layers, tmim)
+
+
 class ContextBLIP(nnx.Module):
     def __init__(self, config: ContextBLIPConfig, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
         config.validate()
@@ -92,10 +107,14 @@ class ContextBLIP(nnx.Module):
             if config.tmim.mask_prediction
             else None
         )
-        self.head = ScoringHead(text.width, logit_scale=config.head.logit_scale, dtype=dtype, rngs=rngs)
-        self.context = InterContextEncoder(config.context, text.width, dtype=dtype, rngs=rngs)
+        self.head = ScoringHead(text.width, logit_scale=config.head.logit_scale, rngs=rngs)  # float32
+        self.context = InterContextEncoder(config.context, text.width, rngs=rngs)  # float32
         if config.init == "fan_in":
             redraw_fan_in(self, rngs)
+        elif config.init == "torch":  # the parts the authors create fresh, as they create them (ContextBLIPConfig)
+            linear = [self.adapter, self.tmim.text_adapter, self.tmim.head, self.mask_head, self.head]
+            tables = [self.tmim.mask_token, self.tmim.position, self.context.position]
+            redraw_torch([*linear, self.context.layers], tables, rngs)
 
     # -- shared passes ---------------------------------------------------------------------------------------
 
@@ -105,17 +124,22 @@ class ContextBLIP(nnx.Module):
         adapted = self.adapter(out.last_hidden_state, out.block_outputs, self.blip.vision.norm)
         return adapted, out.last_hidden_state
 
-    def match(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> TextOutput:
-        """The ITM pass: text (with `[ENC]` first) cross-attending to the adapted image tokens."""
-        return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask)
+    def match(
+        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> TextOutput:
+        """The ITM pass: text (with `[ENC]` first) cross-attending to the adapted image tokens. `rngs`: the text
+        encoder's dropout (`set_dropout`)."""
+        return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask, rngs)
 
-    def _candidates(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def _candidates(
+        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """ITM first tokens for every (description, candidate): images [B, C, H, W, 3] -> [B, C, D]."""
         batch, count = images.shape[:2]
         flat = images.reshape(batch * count, *images.shape[2:])
         ids = jnp.repeat(input_ids, count, axis=0)
         mask = jnp.repeat(attention_mask, count, axis=0)
-        first = self.match(flat, ids, mask).last_hidden_state[:, 0]
+        first = self.match(flat, ids, mask, rngs).last_hidden_state[:, 0]
         return first.reshape(batch, count, -1)
 
     # -- one method per stage --------------------------------------------------------------------------------
@@ -125,10 +149,12 @@ class ContextBLIP(nnx.Module):
         first = self._candidates(images, input_ids, attention_mask)
         return jax.nn.softmax(self.blip.itm_head(first).astype(jnp.float32), axis=-1)[..., 1]
 
-    def finetune_logits(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits."""
-        first = self._candidates(images, input_ids, attention_mask)
-        return self.head(l2_normalize(first).astype(first.dtype))
+    def finetune_logits(
+        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits. `rngs`: dropout."""
+        first = self._candidates(images, input_ids, attention_mask, rngs)
+        return self.head(l2_normalize(first))
 
     def context_logits(
         self,
@@ -138,9 +164,10 @@ class ContextBLIP(nnx.Module):
         is_video: jax.Array,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Stage 2b: the inter-context encoder over the C normalised vectors, then 2a's head. `rngs`: dropout."""
-        first = self._candidates(images, input_ids, attention_mask)
-        return self.head(self.context(l2_normalize(first).astype(first.dtype), is_video, rngs=rngs))
+        """Stage 2b: the inter-context encoder over the C normalised vectors, then 2a's head. `rngs`: dropout, in
+        the encoder and in the frozen text encoder too (the authors extract 2b's features in train mode)."""
+        first = self._candidates(images, input_ids, attention_mask, rngs)
+        return self.head(self.context(l2_normalize(first), is_video, rngs=rngs))
 
     def pretrain_losses(
         self,
@@ -149,9 +176,19 @@ class ContextBLIP(nnx.Module):
         attention_mask: jax.Array,
         key: jax.Array,
         temperature: float | None = None,
+        *,
+        groups: int = 1,
+        tmim_token: str = "example",
+        rngs: nnx.Rngs | None = None,
     ) -> dict[str, jax.Array]:
         """Stage 1 on image-caption pairs [B, H, W, 3] / [B, T]: ITM with hard negatives, TMIM (and the optional
-        mask prediction). `input_ids` carry `[ENC]` first; the ITC pass swaps in `[CLS]`."""
+        mask prediction). `input_ids` carry `[ENC]` first; the ITC pass swaps in `[CLS]`.
+
+        `key` draws the negatives and the TMIM mask; `groups`: negatives come from within each of that many
+        consecutive blocks of the batch (`losses.sample_hard_negatives`); `tmim_token`: how TMIM's guiding text
+        token is drawn (`tmim.choose_text_positions`); `rngs` switches on the text encoder's and the decoder's
+        dropout in every text pass (ITC, both ITM passes) and in the decoder, as the authors train in train mode.
+        """
         if images.shape[0] < 2:
             raise ValueError("stage 1 needs at least 2 image-caption pairs per batch to draw hard negatives")
         sample_key, mask_key = jax.random.split(key)
@@ -160,25 +197,26 @@ class ContextBLIP(nnx.Module):
         adapted = self.adapter(plain, vision.block_outputs, self.blip.vision.norm)
 
         itc_ids = input_ids.at[:, 0].set(self.config.cls_token_id)
-        similarity = self.blip.image_embedding(plain) @ self.blip.text_embedding(itc_ids, attention_mask).T
+        similarity = self.blip.image_embedding(plain) @ self.blip.text_embedding(itc_ids, attention_mask, rngs).T
         negative_image, negative_text = losses.sample_hard_negatives(
-            sample_key, jax.lax.stop_gradient(similarity), temperature
+            sample_key, jax.lax.stop_gradient(similarity), temperature, groups
         )
-        positive = self.blip.multimodal(adapted, input_ids, attention_mask)
+        positive = self.blip.multimodal(adapted, input_ids, attention_mask, rngs)
         negative_logits = self.blip.itm_logits_from_features(
             jnp.concatenate([adapted[negative_image], adapted]),
             jnp.concatenate([input_ids, input_ids[negative_text]]),
             jnp.concatenate([attention_mask, attention_mask[negative_text]]),
+            rngs,
         )
         result = {
             "itm": losses.itm_loss(self.blip.itm_head(positive.last_hidden_state[:, 0]), negative_logits),
         }
 
         mask = text_guided_mask(
-            mask_key, mean_cross_attention(positive.cross_attention), attention_mask, self.config.tmim
+            mask_key, mean_cross_attention(positive.cross_attention), attention_mask, self.config.tmim, tmim_token
         )
         predicted = self.tmim(
-            self.encode_visible(images, mask.visible), mask, positive.last_hidden_state, attention_mask
+            self.encode_visible(images, mask.visible), mask, positive.last_hidden_state, attention_mask, rngs
         )
         target = gather_patches(patchify(images, self.config.blip.vision.patch_size), mask.masked)
         result["tmim"] = losses.tmim_loss(predicted, target)

@@ -80,7 +80,8 @@ class Dense(nnx.Module):
     """`y = x·W + b`, contracting the trailing `in_shape` axes of x into `out_shape`.
 
     Multi-axis shapes keep attention heads as their own axis (`[embed] -> [heads, kv]`), so that tensor
-    parallelism can shard heads without reshapes.
+    parallelism can shard heads without reshapes. `precision` is the matmul's (`jax.lax.dot_general`); None is the
+    platform's default, which may round float32 inputs (TF32 on NVIDIA GPUs, bfloat16 passes on TPUs).
     """
 
     def __init__(
@@ -91,12 +92,14 @@ class Dense(nnx.Module):
         *,
         use_bias: bool = True,
         dtype: jnp.dtype = jnp.float32,
+        precision: jax.lax.Precision | None = None,
         rngs: nnx.Rngs,
         kernel_init: Initializer = DEFAULT_INIT,
     ):
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape)
         self.dtype = dtype
+        self.precision = precision
         self.kernel = sharded_param(rngs, kernel_init, self.in_shape + self.out_shape, axes)
         out_axes = axes[len(self.in_shape) :]
         self.bias = sharded_param(rngs, nnx.initializers.zeros, self.out_shape, out_axes) if use_bias else None
@@ -104,7 +107,8 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ())))
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())), precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -126,6 +130,57 @@ def conv(in_features: int, out_features: int, kernel: int, *, dtype: jnp.dtype, 
     )
 
 
+def float32_head(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> Dense:
+    """`Linear(in -> out)` computed in float32 at full matmul precision whatever the model's compute dtype, for
+    the heads whose logits rank candidates (ITM, scoring). bfloat16's spacing between logits of 2 and 8 is 0.016 to
+    0.03, enough to tie near-identical video frames; the authors score in float32. Its input is cast up, so a
+    bfloat16 feature is read exactly; its parameters are float32 like every other."""
+    return Dense(
+        (in_features,),
+        (out_features,),
+        ("embed", None),
+        dtype=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST,
+        rngs=rngs,
+    )
+
+
+def _linear_layers(module: nnx.Module) -> list[tuple[nnx.Param, nnx.Param | None, int]]:
+    """(kernel, bias or None, fan_in) of every `Dense` and `nnx.Conv` under `module`, in graph order. A convolution's
+    fan-in is its kernel's size over the input channels of one group, as PyTorch counts it."""
+    layers = []
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Dense):
+            layers.append((node.kernel, node.bias, math.prod(node.in_shape)))
+        elif isinstance(node, nnx.Conv):
+            layers.append((node.kernel, node.bias, math.prod(node.kernel.shape[:-1])))
+    return layers
+
+
+def _redraw(
+    targets: Sequence[tuple[nnx.Param, float]], draw: Callable[[jax.Array, int], jax.Array], key: jax.Array
+) -> None:
+    """Sets each target parameter to its own slice of one `draw(key, total size)`, divided by its divisor.
+
+    One draw for all, sliced and scaled on the host: a draw per shape would compile one program per shape on CPU.
+    Traced (`nnx.eval_shape`, jit), the draw is a tracer and is sliced as one."""
+    unit = draw(key, sum(param.size for param, _ in targets))
+    with contextlib.suppress(jax.errors.TracerArrayConversionError):
+        unit = np.asarray(unit)
+    offset = 0
+    for param, divisor in targets:
+        param[...] = jnp.asarray(unit[offset : offset + param.size].reshape(param.shape) / np.float32(divisor))
+        offset += param.size
+
+
+def _uniform(key: jax.Array, size: int) -> jax.Array:
+    return jax.random.uniform(key, (size,), jnp.float32, -1, 1)
+
+
+def _normal(key: jax.Array, size: int) -> jax.Array:
+    return jax.random.normal(key, (size,), jnp.float32)
+
+
 def redraw_fan_in(module: nnx.Module, rngs: nnx.Rngs) -> None:
     """Redraws every dense and convolution kernel under `module` from U(±1/sqrt(fan_in)), PyTorch's default for
     `nn.Linear` and `nn.Conv2d` (biases stay zero).
@@ -134,21 +189,20 @@ def redraw_fan_in(module: nnx.Module, rngs: nnx.Rngs) -> None:
     at width 128 it keeps a quarter (0.23), so a model built small from scratch starts with branches that barely
     reach the residual stream (the ITM pass sees the image through two such kernels). U(±1/sqrt(fan_in)) keeps
     0.58 at every width."""
-    kernels = []
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, Dense):
-            kernels.append((node.kernel, math.prod(node.in_shape)))
-        elif isinstance(node, nnx.Conv):
-            kernels.append((node.kernel, math.prod(node.kernel.shape[:-1])))
-    # One draw for all kernels, scaled on the host: a draw per kernel shape would compile one program per shape.
-    unit = jax.random.uniform(param_key(rngs), (sum(k.size for k, _ in kernels),), jnp.float32, -1, 1)
-    with contextlib.suppress(jax.errors.TracerArrayConversionError):  # traced (nnx.eval_shape): slice the tracer
-        unit = np.asarray(unit)
-    offset = 0
-    for kernel, fan_in in kernels:
-        values = unit[offset : offset + kernel.size].reshape(kernel.shape) / np.float32(math.sqrt(fan_in))
-        kernel[...] = jnp.asarray(values)
-        offset += kernel.size
+    kernels = [(kernel, math.sqrt(fan_in)) for kernel, _, fan_in in _linear_layers(module)]
+    _redraw(kernels, _uniform, param_key(rngs))
+
+
+def redraw_torch(modules: Sequence[nnx.Module | None], tables: Sequence[nnx.Param], rngs: nnx.Rngs) -> None:
+    """Draws what PyTorch's constructors draw: every dense and convolution layer under `modules` (None: an absent
+    part) as `nn.Linear` and `nn.Conv2d` do, kernel and bias from U(±1/sqrt(fan_in)) (`kaiming_uniform_` with
+    a=sqrt(5), and their bias rule); every parameter of `tables` from N(0, 1), as `nn.Embedding` and `torch.randn`.
+    LayerNorms are left as built, ones and zeros, as `nn.LayerNorm`. One uniform and one normal draw in all."""
+    layers = [layer for module in modules if module is not None for layer in _linear_layers(module)]
+    uniform = [(kernel, math.sqrt(fan_in)) for kernel, _, fan_in in layers]
+    uniform += [(bias, math.sqrt(fan_in)) for _, bias, fan_in in layers if bias is not None]
+    _redraw(uniform, _uniform, param_key(rngs))
+    _redraw([(table, 1.0) for table in tables], _normal, param_key(rngs))
 
 
 def layer_norm(width: int, eps: float, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:

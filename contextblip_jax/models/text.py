@@ -3,6 +3,10 @@
 Without image tokens it is the unimodal text encoder (ITC); with them it is the multimodal encoder (ITM).
 The cross-attention keys and values take the vision width (1024 for ViT-L), which may differ from the text
 width. Each layer's cross-attention probabilities are returned for TMIM's text-guided mask.
+
+Dropout sits where BERT has it (the authors' `models/med.py`): after the embeddings' LayerNorm, on the attention
+probabilities, and on each sub-layer's output before its residual LayerNorm. Its rate is built as 0 and set on a
+built model (`contextblip.set_dropout`); it runs only on calls that pass `rngs`.
 """
 
 from __future__ import annotations
@@ -29,8 +33,17 @@ class TextOutput:
 jax.tree_util.register_dataclass(TextOutput, data_fields=["last_hidden_state", "cross_attention"], meta_fields=[])
 
 
+def set_dropout_rate(module: nnx.Module, rate: float) -> None:
+    """Sets every `nnx.Dropout` under `module` to `rate`: dropout has no parameters, so its rate is a runtime
+    choice made on a built model (`contextblip.set_dropout`)."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"dropout rate {rate} must lie in [0, 1)")
+    for dropout in [node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Dropout)]:
+        dropout.rate = float(rate)
+
+
 class TextEmbeddings(nnx.Module):
-    """Word + absolute position embeddings, then LayerNorm; BLIP uses no token-type embeddings."""
+    """Word + absolute position embeddings, then LayerNorm and dropout; BLIP uses no token-type embeddings."""
 
     def __init__(self, config: TextConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.config = config
@@ -51,12 +64,14 @@ class TextEmbeddings(nnx.Module):
             rngs=Draws(rngs, 1),  # type: ignore[arg-type]
         )
         self.norm = layer_norm(config.width, config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(0.0)
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         length = input_ids.shape[1]
         if length > self.config.max_positions:
             raise ValueError(f"text length {length} exceeds the {self.config.max_positions} position embeddings")
-        return self.norm(self.word(input_ids) + self.position(jnp.arange(length))[None])
+        x = self.norm(self.word(input_ids) + self.position(jnp.arange(length))[None])
+        return self.dropout(x, deterministic=rngs is None, rngs=rngs)
 
 
 class TextLayer(nnx.Module):
@@ -128,22 +143,29 @@ class TextEncoder(nnx.Module):
         attention_mask: jax.Array,
         image_tokens: jax.Array | None = None,
         image_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
     ) -> TextOutput:
         """`input_ids`, `attention_mask` [B, T] (mask 1 for real tokens); `image_tokens` [B, N, vision width].
 
         `input_ids` are used as given: whether the first token is `[CLS]` or `[ENC]` is the tokenizer's choice.
+        `rngs` switches dropout on (training); without it the encoder is deterministic.
         """
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, rngs)
         maps = []
         apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
         for layer in self.layers:
-            x, probs = apply(layer, x, attention_mask, image_tokens, image_mask)
+            x, probs = apply(layer, x, attention_mask, image_tokens, image_mask, rngs)
             if probs is not None:
                 maps.append(probs)
         return TextOutput(last_hidden_state=x, cross_attention=tuple(maps))
 
 
 def _apply_layer(
-    layer: TextLayer, x: jax.Array, mask: jax.Array, image_tokens: jax.Array | None, image_mask: jax.Array | None
+    layer: TextLayer,
+    x: jax.Array,
+    mask: jax.Array,
+    image_tokens: jax.Array | None,
+    image_mask: jax.Array | None,
+    rngs: nnx.Rngs | None,
 ) -> tuple[jax.Array, jax.Array | None]:
-    return layer(x, mask, image_tokens, image_mask)
+    return layer(x, mask, image_tokens, image_mask, rngs)

@@ -747,7 +747,7 @@ CONTEXTBLIP_FIELDS = {
     "context.dropout": not_numbers | st.floats(max_value=-1e-9) | st.floats(min_value=1),
     "head.logit_scale": not_numbers | st.floats(max_value=-1e-9),
     "cls_token_id": not_ints | st.integers(max_value=-1),
-    "init": json_values.filter(lambda v: v not in ("bert", "fan_in")),
+    "init": json_values.filter(lambda v: v not in ("bert", "fan_in", "torch")),
     "blip.vision.width": not_ints | st.integers(max_value=0),
     "blip.text.layer_norm_eps": not_numbers | st.floats(max_value=0),
 }

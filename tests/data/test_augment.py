@@ -1,7 +1,10 @@
-"""Augmentation: text-aware flip, one draw per example for all 10 images, reproducible from a seed; decoding."""
+"""Augmentation: text-aware and plain flips, one shared draw or one per image, reproducible from a seed; decoding.
+
+BLIP's ops one by one (ops="blip") are in test_blip_randaugment.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import chex
@@ -16,6 +19,7 @@ from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.errors import DataError
 
 ALL_ON = AugmentConfig(random_resized_crop=True, randaugment_layers=3, randaugment_magnitude=6, flip="text_aware")
+AUTHORS = AugmentConfig(random_resized_crop=True, randaugment_layers=2, ops="blip", flip="plain", per_image=True)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +79,10 @@ def prepare(config: AugmentConfig, train: bool = True) -> transforms.PrepareImag
     return transforms.PrepareImageCode(image_size=24, max_text_length=16, augment=config, train=train)
 
 
-def test_augmentation_is_reproducible_from_a_seed_and_varies_with_it():
+@pytest.mark.parametrize("config", [ALL_ON, AUTHORS])
+def test_augmentation_is_reproducible_from_a_seed_and_varies_with_it(config):
     example = element([jpeg(scene(i)) for i in range(10)])
-    run = prepare(ALL_ON)
+    run = prepare(config)
     first = run(example, np.random.default_rng(7))
     again = run(example, np.random.default_rng(7))
     chex.assert_trees_all_equal(first, again)
@@ -85,11 +90,12 @@ def test_augmentation_is_reproducible_from_a_seed_and_varies_with_it():
     assert all(not np.array_equal(first["images"], other) for other in others)
 
 
-def test_one_draw_is_applied_to_all_ten_images():
+@pytest.mark.parametrize("config", [ALL_ON, dataclasses.replace(AUTHORS, per_image=False)])
+def test_one_draw_is_applied_to_all_ten_images(config):
     example = element([jpeg(scene(0))] * 10)
     plain = prepare(AugmentConfig(), train=False)(example)["images"]
     for seed in range(5):
-        out = prepare(ALL_ON)(example, np.random.default_rng(seed))["images"]
+        out = prepare(config)(example, np.random.default_rng(seed))["images"]
         chex.assert_shape(out, (10, 24, 24, 3))
         for k in range(1, 10):
             chex.assert_trees_all_equal(out[k], out[0])
@@ -108,6 +114,25 @@ def test_text_aware_flip_mirrors_the_images_and_swaps_the_description():
     chex.assert_trees_all_equal(off["input_ids"], plain["input_ids"])
 
 
+def test_per_image_draws_crop_ops_and_flip_for_each_image():
+    """The authors' transform runs once per candidate: 10 copies of one image come out 10 different ways."""
+    draws = augment.sample_all(np.random.default_rng(1), AUTHORS, [(48, 40)] * 10)  # seed 0 flips none of 10
+    assert len({draw.crop for draw in draws}) == 10
+    assert len({draw.ops for draw in draws}) > 1 and len({draw.flip for draw in draws}) == 2
+    out = prepare(AUTHORS)(element([jpeg(scene(0))] * 10), np.random.default_rng(1))["images"]
+    assert len({image.tobytes() for image in out}) == 10
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_plain_flip_mirrors_the_images_and_keeps_the_description(per_image):
+    example = element([jpeg(scene(i)) for i in range(10)])
+    always = AugmentConfig(flip="plain", flip_probability=1.0, ops="blip", per_image=per_image)
+    flipped = prepare(always)(example, np.random.default_rng(0))
+    plain = prepare(AugmentConfig(), train=False)(example)
+    chex.assert_trees_all_equal(flipped["images"], plain["images"][:, :, ::-1])
+    chex.assert_trees_all_equal(flipped["input_ids"], plain["input_ids"])
+
+
 def test_random_resized_crop_boxes_follow_scale_and_ratio():
     config = AugmentConfig(random_resized_crop=True, crop_scale=(0.3, 0.8), crop_ratio=(0.75, 1.25))
     rng = np.random.default_rng(0)
@@ -121,7 +146,9 @@ def test_random_resized_crop_boxes_follow_scale_and_ratio():
 
 def test_config_errors_name_the_field():
     for bad, field in [
-        ({"flip": "plain"}, "flip"),
+        ({"flip": "mirror"}, "flip"),
+        ({"ops": "torchvision"}, "ops"),
+        ({"per_image": True, "flip": "text_aware"}, "per_image"),
         ({"crop_scale": (0.0, 1.0)}, "crop_scale"),
         ({"randaugment_magnitude": 11}, "randaugment"),
         ({"flip_probability": 2}, "flip_probability"),

@@ -1,16 +1,21 @@
-"""BLIP caption files: one text or a list per entry, grouped per image; bad entries named; stage-1 batches."""
+"""BLIP caption files: one text or a list per entry, grouped per image; bad entries named; stage-1 batches, per
+image or per caption (the authors': every caption once per epoch)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import chex
+import ml_collections
 import numpy as np
 import pytest
 
-from contextblip_jax.data import captions, pipeline
+from contextblip_jax import stages
+from contextblip_jax.data import captions, inputs, pipeline
 from contextblip_jax.data.errors import DataError
+from contextblip_jax.data.preprocess import BlipTokenizer
 from tests.data.helpers import write_jpeg
 
 
@@ -86,3 +91,48 @@ def test_stage_one_batches(caption_folder):
     assert len(first_captions) == 2  # image b's two captions are both drawn over four epochs
     evaluation = list(pipeline.captions_dataset(cfg, train=False))
     assert np.concatenate([b["example_id"] for b in evaluation]).tolist() == [0, 1, 2, -1]
+
+
+def _caption_config(caption_folder, **overrides) -> pipeline.DataConfig:
+    path, image_root = caption_folder
+    settings = {"root": image_root, "annotations": (path,), "image_size": 8, "max_text_length": 12, "batch_size": 5}
+    return pipeline.DataConfig(**{**settings, **overrides})
+
+
+ALL_CAPTIONS = ("a dog on the left", "the dog again", "two cats", "cats sleeping", "a car")
+
+
+def test_caption_sampling_passes_over_every_caption_once_per_epoch(caption_folder):
+    config = _caption_config(caption_folder, caption_sampling="caption", num_epochs=3)
+    source = pipeline.caption_source(config)
+    assert len(source) == len(ALL_CAPTIONS)
+    assert [source[i]["captions"] for i in range(len(source))] == [(c,) for c in ALL_CAPTIONS]
+    ids, _ = BlipTokenizer()(ALL_CAPTIONS, 12)
+    expected = sorted(map(tuple, ids.tolist()))
+    epochs = list(pipeline.captions_dataset(config, train=True, source=source))  # batch_size 5: a batch per epoch
+    assert len(epochs) == 3
+    for batch in epochs:
+        assert sorted(batch["example_id"].tolist()) == [0, 1, 2, 3, 4]
+        assert sorted(map(tuple, batch["input_ids"].tolist())) == expected
+    evaluation = next(iter(pipeline.captions_dataset(config, train=False, source=source)))
+    assert evaluation["input_ids"].tolist() == ids.tolist()
+
+
+def test_image_sampling_keeps_one_example_per_image(caption_folder):
+    source = pipeline.caption_source(_caption_config(caption_folder))
+    assert len(source) == 3
+    assert source[0]["captions"] == ALL_CAPTIONS[:2]
+
+
+def test_an_epoch_of_stage_one_is_the_caption_count_for_the_trainer(caption_folder):
+    for sampling, examples in (("caption", 5), ("image", 3)):
+        values = dataclasses.asdict(_caption_config(caption_folder, caption_sampling=sampling))
+        config = ml_collections.ConfigDict({"data": {**values, "synthetic": 0, "synthetic_seed": 0}})
+        assert inputs.train_input(config, stages.get("pretrain")).examples_per_epoch == examples
+
+
+def test_caption_sampling_is_checked(caption_folder):
+    with pytest.raises(ValueError, match="caption_sampling must be one of"):
+        _caption_config(caption_folder, caption_sampling="pair")
+    with pytest.raises(ValueError, match="records are per image"):
+        pipeline.caption_source(_caption_config(caption_folder, caption_sampling="caption", source="tfds"))

@@ -84,3 +84,10 @@ def test_missing_image_is_named(tmp_path):
     os.remove(os.path.join(root, mmvp.IMAGE_DIR, CATEGORIES[1], "7.jpg"))
     with pytest.raises(DataError, match=r"7\.jpg"):
         mmvp.read_pairs(root)
+
+
+def test_statements_are_cleaned_only_when_the_run_cleans_its_texts(tmp_path):
+    root = miniature(str(tmp_path), [("1", "Color", "The dog's nose, left."), ("2", "Color", "A black-and-white cat!")])
+    assert mmvp.read_pairs(root)[0].texts == ("a photo of The dog's nose, left.", "a photo of A black-and-white cat!")
+    cleaned = mmvp.read_pairs(root, pre_caption_words=30)[0].texts
+    assert cleaned == ("a photo of the dogs nose left", "a photo of a black and white cat")

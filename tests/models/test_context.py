@@ -11,6 +11,7 @@ from flax import nnx
 from contextblip_jax.models.blip import l2_normalize
 from contextblip_jax.models.config import HeadConfig
 from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.layers import Dense
 from tests.tiny import tiny_contextblip
 
 
@@ -74,3 +75,43 @@ def test_logit_scale_is_off_by_default_and_a_learned_multiplier_when_set():
     assert float(jnp.abs(grads.log_scale[...])) > 0
     with pytest.raises(ValueError, match="logit_scale"):
         tiny_contextblip(head=HeadConfig(logit_scale=-1.0)).validate()
+
+
+def near_duplicates(width: int, count: int = 10) -> jax.Array:
+    """[1, count, width] unit vectors at cosine ≈ 0.999 from one another, like the ITM vectors of video frames."""
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal(width)
+    x = base / np.linalg.norm(base) + 0.03 * rng.standard_normal((count, width)) / np.sqrt(width)
+    return jnp.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), jnp.float32)[None]
+
+
+def set_logits_near(dense: Dense, x: jax.Array, target: float, seed: int) -> None:
+    """Gives `dense` a kernel whose logits on the candidates `x` lie near `target` (5: bfloat16's spacing there is
+    0.03) and differ between candidates by a few hundredths; no bias."""
+    base = np.asarray(x[0].mean(axis=0), np.float64)
+    kernel = 6 * np.random.default_rng(seed).standard_normal((base.size, dense.kernel.shape[1])) / np.sqrt(base.size)
+    kernel += np.outer(base, target - base @ kernel) / (base @ base)
+    dense.kernel[...] = jnp.asarray(kernel, jnp.float32)
+    dense.bias[...] = jnp.zeros_like(dense.bias[...])
+
+
+def assert_same_order(float32_scores: jax.Array, bfloat16_scores: jax.Array) -> None:
+    """Every pair of candidates whose float32 scores differ by more than 1e-3 is ordered alike (a tie fails)."""
+    assert bfloat16_scores.dtype == jnp.float32
+    a, b = np.asarray(float32_scores, np.float64).ravel(), np.asarray(bfloat16_scores, np.float64).ravel()
+    apart = np.abs(a[:, None] - a[None, :]) > 1e-3
+    assert apart.sum() >= 2 * 40, apart.sum() // 2  # at least 40 of the 45 pairs are compared
+    np.testing.assert_array_equal(np.sign(b[:, None] - b[None, :])[apart], np.sign(a[:, None] - a[None, :])[apart])
+
+
+def test_heads_and_context_rank_near_duplicates_in_float32_whatever_the_compute_dtype():
+    """The same float32 normalised vectors go into a float32 and a bfloat16 model with the same parameters: the
+    zero-shot ITM score, the scoring head and the inter-context encoder rank them alike."""
+    models = [ContextBLIP(tiny_contextblip(), dtype=dtype, rngs=nnx.Rngs(0)) for dtype in (jnp.float32, jnp.bfloat16)]
+    x = near_duplicates(tiny_contextblip().blip.text.width)
+    for model in models:
+        set_logits_near(model.blip.itm_head, x, 5.0, seed=6)
+        set_logits_near(model.head.proj, x, 5.0, seed=7)
+    assert_same_order(*[jax.nn.softmax(model.blip.itm_head(x), axis=-1)[..., 1] for model in models])
+    assert_same_order(*[model.head(x) for model in models])
+    assert_same_order(*[model.head(model.context(x, jnp.array([1]))) for model in models])

@@ -1,12 +1,14 @@
-"""The text tower: padding is invisible, cross-attention is optional and returns its maps."""
+"""The text tower: padding is invisible, cross-attention is optional and returns its maps, dropout runs only
+when asked."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from contextblip_jax.models.text import TextEncoder
+from contextblip_jax.models.text import TextEncoder, set_dropout_rate
 from contextblip_jax.models.variants import VARIANTS
 
 TINY = VARIANTS["tiny"].blip.text
@@ -35,3 +37,47 @@ def test_cross_attention_maps_only_with_image_tokens():
     np.testing.assert_allclose(out.cross_attention[0].sum(-1), 1.0, atol=1e-6)
     with_image = out.last_hidden_state
     assert not np.allclose(with_image, model(ids, mask).last_hidden_state)
+
+
+def dropout_inputs() -> tuple[jnp.ndarray, ...]:
+    """Text with padding and image tokens: the multimodal pass, where every dropout site is used."""
+    rng = np.random.default_rng(0)
+    ids, mask = jnp.array([[5, 6, 7, 8, 0]]), jnp.array([[1, 1, 1, 1, 0]])
+    image = jnp.asarray(rng.standard_normal((1, 5, TINY.encoder_width)), jnp.float32)
+    return ids, mask, image, jnp.ones((1, 5), bool)
+
+
+def test_dropout_runs_only_with_rngs_and_follows_the_key():
+    """BERT's dropout (embeddings, attention, hidden states) at 0.1: the key alone decides it, also through
+    remat (the layers draw the same masks recomputed); without rngs the encoder is the rate-0 one."""
+    model = TextEncoder(TINY, rngs=nnx.Rngs(0))
+    inputs = dropout_inputs()
+    plain = model(*inputs).last_hidden_state
+    set_dropout_rate(model, 0.1)
+
+    def run(seed: int | None) -> np.ndarray:
+        rngs = None if seed is None else nnx.Rngs(dropout=jax.random.key(seed))
+        return np.asarray(model(*inputs, rngs=rngs).last_hidden_state)
+
+    first = run(0)
+    np.testing.assert_array_equal(run(None), plain)
+    assert not np.allclose(first, plain, atol=1e-3)
+    assert not np.allclose(first, run(1), atol=1e-3)
+    np.testing.assert_array_equal(run(0), first)
+    model.remat = True
+    np.testing.assert_allclose(run(0), first, atol=1e-6)
+
+
+def test_zero_dropout_traces_no_random_ops():
+    """Training always passes rngs; at rate 0 that must cost nothing, not even a mask of ones."""
+    model = TextEncoder(TINY, rngs=nnx.Rngs(0))
+    inputs = dropout_inputs()
+
+    def jaxpr() -> str:
+        return str(
+            jax.make_jaxpr(lambda key: model(*inputs, rngs=nnx.Rngs(dropout=key)).last_hidden_state)(jax.random.key(0))
+        )
+
+    assert "random_bits" not in jaxpr()
+    set_dropout_rate(model, 0.1)
+    assert "random_bits" in jaxpr()

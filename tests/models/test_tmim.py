@@ -1,4 +1,5 @@
-"""TMIM's mask choice, visible-only encoding and pixel targets."""
+"""TMIM's mask choice (per example or, as the authors, per batch), visible-only encoding, pixel targets and
+the decoder's dropout."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from contextblip_jax.models import tmim
 from contextblip_jax.models.config import TMIMConfig
-from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.models.contextblip import ContextBLIP, set_dropout
 from tests.tiny import tiny_contextblip
 
 
@@ -116,3 +118,52 @@ def test_stage_one_compiles_once_for_any_mask():
         result = losses(state, jax.random.key(seed), mask)
         assert np.isfinite(float(result["tmim"]))
     assert losses._cache_size() == 1
+
+
+def test_batch_token_is_one_position_for_the_whole_batch_padding_included():
+    """The authors' draw: one position in 0..T-1 for every example, so short captions get padding rows."""
+    mask = jnp.array([[1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    drawn = set()
+    for seed in range(200):
+        positions = tmim.choose_text_positions(jax.random.key(seed), mask, "batch").tolist()
+        assert positions == [positions[0]] * 3
+        drawn.add(positions[0])
+    assert drawn == set(range(6))
+    with pytest.raises(ValueError, match="unknown"):
+        tmim.choose_text_positions(jax.random.key(0), mask, "word")
+
+
+def test_batch_token_guides_every_mask_by_the_same_row():
+    """Distinct rows per position: every example's mask is the top-k of the same position's row."""
+    rng = np.random.default_rng(3)
+    attention = jnp.asarray(np.stack([[rng.permutation(16) * 10.0 for _ in range(4)] for _ in range(3)]))
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    config = TMIMConfig(mask_rate=0.25, noise=0.0)
+    for seed in range(10):
+        masked = tmim.text_guided_mask(jax.random.key(seed), attention, mask, config, "batch").masked.tolist()
+        rows = [[sorted(np.argsort(-np.asarray(attention[b, t]))[:4].tolist()) for b in range(3)] for t in range(4)]
+        assert masked in rows
+
+
+def test_decoder_dropout_runs_only_with_rngs_and_follows_the_key():
+    """The decoder's BERT dropout at 0.1 (the authors' `bert_config.json`): the key decides it; no rngs, no
+    dropout."""
+    model = ContextBLIP(tiny_contextblip(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    width, text_width = model.config.blip.vision.width, model.config.blip.text.width
+    encoded = jnp.asarray(rng.standard_normal((2, 13, width)), jnp.float32)
+    mask = tmim.split_patches(jnp.asarray(rng.standard_normal((2, 16))), 4)
+    text = jnp.asarray(rng.standard_normal((2, 5, text_width)), jnp.float32)
+    text_mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    plain = model.tmim(encoded, mask, text, text_mask)
+    set_dropout(model, text=0.0, tmim=0.1)
+
+    def run(seed: int | None) -> np.ndarray:
+        rngs = None if seed is None else nnx.Rngs(dropout=jax.random.key(seed))
+        return np.asarray(model.tmim(encoded, mask, text, text_mask, rngs))
+
+    first = run(0)
+    np.testing.assert_array_equal(run(None), plain)
+    assert not np.allclose(first, plain, atol=1e-3)
+    assert not np.allclose(first, run(1), atol=1e-3)
+    np.testing.assert_array_equal(run(0), first)
