@@ -113,10 +113,12 @@ class AugmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
-    """One draw: a crop box as fractions of the image (left, top, right, bottom), ops with their signed
-    magnitude / 10, a flip, and which op set (`AugmentConfig.ops`) defines the ops."""
+    """One draw: a crop box as fractions of the image (left, top, right, bottom), or, for a draw made for one
+    image (`per_image`), in whole pixels as torchvision crops; ops with their signed magnitude / 10, a flip, and
+    which op set (`AugmentConfig.ops`) defines the ops."""
 
     crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    pixel_crop: tuple[int, int, int, int] | None = None
     ops: tuple[tuple[str, float], ...] = ()
     flip: bool = False
     op_set: str = "project"
@@ -137,9 +139,39 @@ def _sample_crop(rng: np.random.Generator, config: AugmentConfig, width: int, he
     return ((1 - w / width) / 2, (1 - h / height) / 2, (1 + w / width) / 2, (1 + h / height) / 2)
 
 
-def sample(rng: np.random.Generator, config: AugmentConfig, width: int, height: int) -> Augmentation:
-    """Draws one augmentation from `rng` for an image of (width, height) (the first one when shared)."""
-    crop = _sample_crop(rng, config, width, height) if config.random_resized_crop else Augmentation.crop
+def _sample_pixel_crop(
+    rng: np.random.Generator, config: AugmentConfig, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params` for one image: a box of whole pixels (left, top, right,
+    bottom), the sides rounded and the corner drawn among whole positions, as the authors crop each image."""
+    log_low, log_high = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
+    for _ in range(10):
+        area = rng.uniform(*config.crop_scale) * width * height
+        ratio = math.exp(rng.uniform(log_low, log_high))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return (left, top, left + w, top + h)
+    if width / height < config.crop_ratio[0]:  # fallback: central crop at the nearest allowed ratio
+        w, h = width, round(width / config.crop_ratio[0])
+    elif width / height > config.crop_ratio[1]:
+        w, h = round(height * config.crop_ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def sample(
+    rng: np.random.Generator, config: AugmentConfig, width: int, height: int, whole_pixels: bool = False
+) -> Augmentation:
+    """Draws one augmentation from `rng` for an image of (width, height) (the first one when shared);
+    `whole_pixels`: the crop is for this image alone, in whole pixels (`_sample_pixel_crop`)."""
+    crop, pixel_crop = Augmentation.crop, None
+    if config.random_resized_crop and whole_pixels:
+        pixel_crop = _sample_pixel_crop(rng, config, width, height)
+    elif config.random_resized_crop:
+        crop = _sample_crop(rng, config, width, height)
     names = BLIP_OPS if config.ops == "blip" else OPS
     ops = []
     for _ in range(config.randaugment_layers):
@@ -149,13 +181,13 @@ def sample(rng: np.random.Generator, config: AugmentConfig, width: int, height: 
         if applied and name != "identity":
             ops.append((name, sign * config.randaugment_magnitude / 10))
     flip = config.flip != "off" and rng.random() < config.flip_probability
-    return Augmentation(crop=tuple(crop), ops=tuple(ops), flip=flip, op_set=config.ops)
+    return Augmentation(crop=tuple(crop), pixel_crop=pixel_crop, ops=tuple(ops), flip=flip, op_set=config.ops)
 
 
 def sample_all(rng: np.random.Generator, config: AugmentConfig, sizes: list[tuple[int, int]]) -> list[Augmentation]:
     """The draws for an example's images of (width, height) `sizes`: one each if `per_image`, else one shared."""
     if config.per_image:
-        return [sample(rng, config, *size) for size in sizes]
+        return [sample(rng, config, *size, whole_pixels=True) for size in sizes]
     return [sample(rng, config, *sizes[0])] * len(sizes)
 
 
@@ -263,11 +295,16 @@ def _blip_op(pixels: np.ndarray, name: str, level: float) -> np.ndarray:
 
 
 def apply(image: Image.Image, augmentation: Augmentation, size: int) -> Image.Image:
-    """Crop + bicubic resize to size×size in one resampling, then the ops, then the flip (before the ops for
-    the "blip" set, as in the authors' transform)."""
-    w, h = image.size
-    left, top, right, bottom = augmentation.crop
-    out = image.resize((size, size), Image.Resampling.BICUBIC, box=(left * w, top * h, right * w, bottom * h))
+    """Crop + bicubic resize to size×size (a whole-pixel crop is cut out first, as torchvision does; a fractional
+    one is resampled in one step), then the ops, then the flip (before the ops for the "blip" set, as in the
+    authors' transform)."""
+    if augmentation.pixel_crop is not None:
+        out = image.crop(augmentation.pixel_crop).resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        w, h = image.size
+        left, top, right, bottom = augmentation.crop
+        box = (left * w, top * h, right * w, bottom * h)
+        out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if augmentation.op_set == "blip":
         pixels = np.asarray(out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if augmentation.flip else out)
         for name, level in augmentation.ops:

@@ -117,7 +117,7 @@ def test_text_aware_flip_mirrors_the_images_and_swaps_the_description():
 def test_per_image_draws_crop_ops_and_flip_for_each_image():
     """The authors' transform runs once per candidate: 10 copies of one image come out 10 different ways."""
     draws = augment.sample_all(np.random.default_rng(1), AUTHORS, [(48, 40)] * 10)  # seed 0 flips none of 10
-    assert len({draw.crop for draw in draws}) == 10
+    assert len({draw.pixel_crop for draw in draws}) == 10
     assert len({draw.ops for draw in draws}) > 1 and len({draw.flip for draw in draws}) == 2
     out = prepare(AUTHORS)(element([jpeg(scene(0))] * 10), np.random.default_rng(1))["images"]
     assert len({image.tobytes() for image in out}) == 10
@@ -131,6 +131,28 @@ def test_plain_flip_mirrors_the_images_and_keeps_the_description(per_image):
     plain = prepare(AugmentConfig(), train=False)(example)
     chex.assert_trees_all_equal(flipped["images"], plain["images"][:, :, ::-1])
     chex.assert_trees_all_equal(flipped["input_ids"], plain["input_ids"])
+
+
+def test_a_per_image_crop_is_torchvisions_whole_pixel_box_cut_out_then_resized():
+    """torchvision's RandomResizedCrop: sides rounded to whole pixels within scale and ratio, the corner a whole
+    position, and the box cut out before the bicubic resize (pixels outside it never reach the result)."""
+    config = AugmentConfig(random_resized_crop=True, crop_scale=(0.2, 1.0), per_image=True)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        (draw,) = augment.sample_all(rng, config, [(300, 200)])
+        left, top, right, bottom = draw.pixel_crop
+        assert all(isinstance(v, int) for v in draw.pixel_crop)
+        assert 0 <= left < right <= 300 and 0 <= top < bottom <= 200
+        w, h = right - left, bottom - top
+        assert 0.2 * 60_000 - 2 * max(w, h) <= w * h <= 60_000 and 3 / 4 - 0.02 < w / h < 4 / 3 + 0.02
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), np.uint8))
+    draw = augment.Augmentation(pixel_crop=(40, 30, 140, 110))
+    expected = image.crop((40, 30, 140, 110)).resize((64, 64), Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(augment.apply(image, draw, 64)), np.asarray(expected))
+    outside = np.asarray(image).copy()
+    outside[:30] = 0  # rows above the box
+    same = augment.apply(Image.fromarray(outside), draw, 64)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(expected))
 
 
 def test_random_resized_crop_boxes_follow_scale_and_ratio():
