@@ -100,7 +100,8 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[ContextBLIP, str]:
     choice = config.get("init_checkpoint", "best")
     previous = run_model(config.init, dtype, choice) if os.path.isdir(config.init) else None
     if previous is not None:
-        return previous[0], f"step {previous[1]} of {config.init} ({choice})"
+        taken = choice if choice != "best" or best.read(config.init) else f"latest: it has no {best.BEST_FILE}"
+        return previous[0], f"step {previous[1]} of {config.init} ({taken})"
     if (
         os.path.isdir(config.init)
         and not directory.is_converted(config.init)

@@ -97,7 +97,7 @@ def test_evaluate_and_init_take_the_best_model_when_the_latest_is_worse(tmp_path
         weights.run_params(workdir, "5")
 
     model, origin = weights.initial_model(run_config(data_root, stage="context", init=workdir))
-    assert f"step {best_step}" in origin
+    assert f"step {best_step} of {workdir} (best)" == origin
     _, kept, _ = weights.run_params(workdir, "best")
     flat = {dotted_path(path): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert all(np.array_equal(np.asarray(flat[name]), value) for name, value in kept.items())

@@ -193,6 +193,7 @@ def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
     scoring = scorer(zeroshot, str(tmp_path / "zs"))
     row = ImageCodeEvaluator(inputs.data_config(zeroshot, train=False), "valid", scoring.mesh).run(scoring.predict, 0)
     assert 0 <= row["acc"] <= 1 and row["descriptions"] > 0
+    assert weights.initial_model(run_config(data_root, init=s1))[1] == f"step 2 of {s1} (latest: it has no best.json)"
     train.train(run_config(data_root, total_steps=2, init=s1), s2a)
     train.train(run_config(data_root, stage="context", total_steps=2, init=s2a), s2b)
     _, adapted, _ = weights.run_params(s2a)
