@@ -130,8 +130,11 @@ def exhausted_need(message: str) -> tuple[int | None, int | None]:
     return found[0], found[1]
 
 
-def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict[str, Any]:
-    """Lowers and compiles one jitted step for the target's devices; its memory, FLOPs, collectives and times."""
+def _compile_step(jitted: Any, args: tuple, target: Target, images: int, counted: Any = None) -> dict[str, Any]:
+    """Lowers and compiles one jitted step for the target's devices; its memory, FLOPs, collectives and times.
+
+    FLOPs are counted on `counted` (default: `jitted`), the same step with its towers unrolled when `jitted` scans
+    them: XLA's cost analysis counts a loop's body once, whatever its trip count."""
     start = time.perf_counter()
     lowered = jitted.trace(*args).lower()
     lowered_at = time.perf_counter()
@@ -186,11 +189,16 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int) -> dict
         )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    section["flops_per_device_compiled"] = (cost or {}).get("flops")
-    flops = hardware.program_flops(jitted.__wrapped__, *args)
+    section["flops_per_device_compiled"] = (cost or {}).get("flops") if counted is None else None
+    section["bytes_accessed_per_device_compiled"] = (cost or {}).get("bytes accessed") if counted is None else None
+    flops = hardware.program_flops((counted or jitted).__wrapped__, *args)
     section["flops_per_step"] = flops
     section["flops_per_image"] = flops / images if flops else None
     section["flops_source"] = "XLA:CPU cost analysis of the unpartitioned step (the program's own count)"
+    if counted is not None:
+        section["flops_source"] += (
+            ", counted with the towers unrolled (a scanned body counts once; no per-device count for the same reason)"
+        )
     section["collectives"] = count_collectives(compiled.as_text())
     return section
 
@@ -242,9 +250,12 @@ def _gib(value: int | None) -> str:
     return "unknown memory" if value is None else f"{value / (1 << 30):.2f} GiB"
 
 
-def compile_only(config: ml_collections.ConfigDict, workdir: str, target: Target) -> dict[str, Any]:
-    """Compiles the run's train step (and predict step, where the stage has one) for `target`; writes and returns
-    the report. Raises `DoesNotFit` (after writing the report) when a step needs more memory than a device has.
+def compile_only(
+    config: ml_collections.ConfigDict, workdir: str, target: Target, evaluate: bool = True
+) -> dict[str, Any]:
+    """Compiles the run's train step (and predict step, where the stage has one and `evaluate`) for `target`;
+    writes and returns the report. Raises `DoesNotFit` (after writing the report) when a step needs more memory
+    than a device has.
 
     The learning-rate schedule's epoch length is `config.optimizer.steps_per_epoch` (1 when 0: no data is read to
     count examples); it only changes constants, not the program's shape or memory.
@@ -256,11 +267,16 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str, target: Target
     mesh = target_mesh(config, target_devices)
     try:
         parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
-        if stage.evaluates:
+        if stage.evaluates and evaluate:
             parallel.check_batch(config.eval.batch_size, mesh)
     except ValueError as error:
         raise ValueError(f"{target.label}: {error} (data.batch_size / grad_accum_steps and eval.batch_size)") from None
     built = programs.build(config, stage, abstract_model(config), mesh, config.optimizer.steps_per_epoch or 1)
+    counted = None  # what FLOPs are counted on: the same steps unrolled, when the towers are scanned
+    if config.get("scan_layers", False):
+        unrolled = config.copy_and_resolve_references()
+        unrolled.scan_layers = False
+        counted = programs.build(unrolled, stage, abstract_model(unrolled), mesh, config.optimizer.steps_per_epoch or 1)
     images = NUM_CANDIDATES if stage.data == "imagecode" else 1
     memory = target.memory_per_device or host_memory() // len(target_devices)
     report: dict[str, Any] = {
@@ -273,6 +289,8 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str, target: Target
         "stage": stage.name,
         "dtype": config.dtype,
         "remat": list(config.remat),
+        "remat_policy": config.get("remat_policy", "full"),
+        "scan_layers": bool(config.get("scan_layers", False)),
         "grad_accum_steps": config.grad_accum_steps,
         "batch_size": config.data.batch_size,
     }
@@ -284,14 +302,20 @@ def compile_only(config: ml_collections.ConfigDict, workdir: str, target: Target
     )
     train_batch = batch_shapes(config, stage, train=True)
     report["train"] = _compile_step(
-        built.train_step, (abstract_state, train_batch), target, config.data.batch_size * images
+        built.train_step,
+        (abstract_state, train_batch),
+        target,
+        config.data.batch_size * images,
+        counted and counted.train_step,
     )
     report["eval"] = None
-    if built.predict is not None and "error" not in report["train"]:
+    if built.predict is not None and evaluate and "error" not in report["train"]:
         report["eval_batch_size"] = config.eval.batch_size
         logging.info("compiling the %s predict step for %s", stage.name, target.label)
         args = (built.trainable, built.frozen, batch_shapes(config, stage, train=False))
-        report["eval"] = _compile_step(built.predict, args, target, config.eval.batch_size * images)
+        report["eval"] = _compile_step(
+            built.predict, args, target, config.eval.batch_size * images, counted and counted.predict
+        )
     for step in ("train", "eval"):
         section = report[step] or {}
         if "peak_bytes" in section:
@@ -349,10 +373,12 @@ def table(report: dict[str, Any]) -> str:
         ("FLOPs / device (compiled)", "flops_per_device_compiled"),
         ("collectives", "collectives"),
     ]
+    remat = f"{report['remat']} ({report['remat_policy']})" if report["remat"] else "off"
     head = (
         f"{report['target']}: {report['device_count']} x {report['device_kind']} ({report['platform']}), "
         f"{_gib(limit)} per device, mesh {report['mesh']}; {report['stage']} stage, {report['dtype']}, "
-        f"batch {report['batch_size']}, remat {report['remat'] or 'off'}, grad_accum_steps {report['grad_accum_steps']}"
+        f"batch {report['batch_size']}, remat {remat}, grad_accum_steps {report['grad_accum_steps']}"
+        + (", layers scanned" if report.get("scan_layers") else "")
     )
     lines = [head, f"{'':27}" + "".join(f"{name:>34}" for name in steps)]
     lines += [f"{label:27}" + "".join(f"{cell(report[name], key):>34}" for name in steps) for label, key in rows]

@@ -5,6 +5,10 @@ version, independent of how NNX names list indices, and cheap to restore into an
 checkpoints hold the train state (flat trainable and frozen dicts, optimizer state, step) and the data
 iterator's position.
 
+Parameters are read one of two ways (`Shardings`): straight into the shards a mesh gives them, each process
+reading from storage only the slices its own devices hold (what a run starts from), or whole onto the host
+(evaluation and prediction on one device, tests).
+
 Imports: Orbax and grain only.
 """
 
@@ -16,14 +20,18 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 T = TypeVar("T")
+Shardings = Mapping[str, jax.sharding.Sharding]
+"""Where to read parameters to, by dotted name: those named are read straight into that sharding, in their
+stored shape and dtype; any other comes back whole as a host numpy array."""
 
 
 class CheckpointError(RuntimeError):
@@ -53,11 +61,15 @@ def save_params(directory: str, params: Mapping[str, np.ndarray]) -> None:
         checkpointer.wait_until_finished()
 
 
-def restore_params(directory: str) -> dict[str, np.ndarray]:
-    """The flat parameter dict `save_params` wrote, as host numpy arrays in their stored dtypes."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.abspath(directory))
-    return {key: np.asarray(jax.device_get(value)) for key, value in restored.items()}
+def restore_params(directory: str, shardings: Shardings | None = None) -> dict[str, np.ndarray | jax.Array]:
+    """The flat parameter dict `save_params` wrote, in its stored dtypes, read as `shardings` says."""
+    path = os.path.abspath(directory)
+    handler = ocp.PyTreeCheckpointHandler()  # not a Checkpointer: its `metadata` hides why arrays do not open
+    try:
+        stored = handler.metadata(epath.Path(path)).tree
+    finally:
+        handler.close()
+    return _read_params(path, stored, shardings)
 
 
 @functools.cache  # once per process: Orbax logs a warning at every registration
@@ -158,11 +170,11 @@ class RunCheckpoints:
             self._set_aside(found[2])
         return None if found is None else (found[0], *found[1])
 
-    def latest_params(self) -> tuple[int, dict[str, np.ndarray]] | None:
+    def latest_params(self, shardings: Shardings | None = None) -> tuple[int, dict[str, np.ndarray | jax.Array]] | None:
         """(step, parameters) of the newest checkpoint whose parameters read back (`restore_params`), None when
         there is no checkpoint; damaged newer ones are named in a warning and left where they are (this reads
         another run's workdir)."""
-        found = self._newest_intact(self.restore_params)
+        found = self._newest_intact(lambda step: self.restore_params(step, shardings))
         return None if found is None else found[:2]
 
     def _newest_intact(self, read: Callable[[int], T]) -> tuple[int, T, list[int]] | None:
@@ -202,11 +214,13 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_params(self, step: int) -> dict[str, np.ndarray]:
-        """Every parameter saved at `step` (trainable and frozen, by dotted path) as host arrays, whatever mesh
-        wrote them: what the next stage starts from, and what evaluation and prediction score with."""
-        state = _restore_on_host(self._manager, step, "state")
-        return {name: np.asarray(value) for group in ("trainable", "frozen") for name, value in state[group].items()}
+    def restore_params(self, step: int, shardings: Shardings | None = None) -> dict[str, np.ndarray | jax.Array]:
+        """Every parameter saved at `step` (trainable and frozen, by dotted path), read as `shardings` says
+        whatever mesh wrote them, and nothing else (not the optimizer state): what the next stage starts from,
+        and what evaluation and prediction score with."""
+        stored = self._manager.item_metadata(step)["state"]
+        groups = {group: stored[group] for group in ("trainable", "frozen")}
+        return _read_params(os.path.join(self.directory, str(step), "state"), groups, shardings)
 
     def close(self) -> None:
         """Waits for the write in flight (`CheckpointWriteError` if it failed) and closes the manager."""
@@ -244,9 +258,10 @@ class BestParams:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_params(self, step: int) -> dict[str, np.ndarray]:
-        """The parameters saved at `step`, as host arrays whatever mesh wrote them."""
-        return {name: np.asarray(value) for name, value in _restore_on_host(self._manager, step, "params").items()}
+    def restore_params(self, step: int, shardings: Shardings | None = None) -> dict[str, np.ndarray | jax.Array]:
+        """The parameters saved at `step`, read as `shardings` says whatever mesh wrote them."""
+        stored = self._manager.item_metadata(step)["params"]
+        return _read_params(os.path.join(self.directory, str(step), "params"), stored, shardings)
 
     def close(self) -> None:
         self._manager.close()
@@ -263,11 +278,24 @@ def _naming_write_errors(directory: str, step: int) -> Iterator[None]:
         raise CheckpointWriteError(f"writing step {step} to {directory} failed: {read_failure(error)}") from error
 
 
-def _restore_on_host(manager: ocp.CheckpointManager, step: int, item: str) -> dict:
-    """Item `item` of `step`, every array on this process's first device, whatever mesh wrote it."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    metadata = manager.item_metadata(step)[item]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device) if hasattr(m, "shape") else m, metadata
-    )
-    return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
+def _read_params(item: str, stored: Mapping[str, Any], shardings: Shardings | None) -> dict[str, Any]:
+    """The arrays `stored` describes (part of the metadata tree of the Orbax item at `item`, each array under
+    its dotted name) and no other array of that item, by name: each one named in `shardings` read straight into
+    its shards, each process reading only the slices its devices hold; the others whole onto this process's
+    first device, then to the host."""
+    shardings = shardings or {}
+    whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(path: tuple, stored: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(stored.shape, stored.dtype, sharding=shardings.get(path[-1].key, whole))
+
+    targets = jax.tree_util.tree_map_with_path(target, dict(stored))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            item, args=ocp.args.PyTreeRestore(item=targets, restore_args=restore_args, partial_restore=True)
+        )
+    return {
+        path[-1].key: value if path[-1].key in shardings else np.asarray(value)
+        for path, value in jax.tree_util.tree_leaves_with_path(restored)
+    }

@@ -71,20 +71,18 @@ class Scorer:
 
 def scorer(config: ml_collections.ConfigDict, workdir: str, choice: str = "best") -> Scorer:
     """The run's chosen checkpoint (`weights.run_params`: best, latest or a step; `config.init` when the run has
-    none), sharded on the mesh."""
+    none), read straight into its shards of the config's mesh."""
     stage = trainconfig.check(config)
     mesh = parallel.make_mesh(config.mesh)
-    found = weights.run_model(workdir, jnp.dtype(config.dtype), choice)
+    rules = parallel.logical_rules(config.logical_rules)
+    found = weights.run_model(workdir, jnp.dtype(config.dtype), choice, mesh, rules)
     if found is not None:
         model, step = found
     else:
-        model, origin = weights.initial_model(config)
+        model, origin = weights.initial_model(config, mesh)
         step = 0
         logging.info("no checkpoint in %s; scoring %s", workdir, origin)
     spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
-    shardings = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
-    trainable = {k: jax.device_put(v, shardings[k]) for k, v in trainable.items()}
-    frozen = {k: jax.device_put(v, shardings[k]) for k, v in frozen.items()}
     predict = jax.jit(make_predict_step(spec, stage))
     return Scorer(mesh, lambda batch: predict(trainable, frozen, batch), step)
 

@@ -3,7 +3,7 @@ predict step. The trainer and ahead-of-time compilation (`aot.py`, `--compile_on
 what is compiled for a TPU slice without the slice is exactly what the run would execute on it: same function,
 shardings, donation, logical-axis rules, dtype, remat and gradient accumulation.
 
-    programs = build(config, stage, model, mesh, steps_per_epoch)   # model: concrete, or from nnx.eval_shape
+    programs = build(config, stage, model, mesh, steps_per_epoch)   # model: in its shards, or from nnx.eval_shape
     state, metrics = programs.train_step(state, batch)
     scores = programs.predict(state.trainable, state.frozen, batch)
 
@@ -14,6 +14,7 @@ stage table; never the trainer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,10 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+from flax import nnx
 
 from contextblip_jax import optim, parallel
-from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_dropout, set_remat
+from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_dropout, set_remat, set_scan
 from contextblip_jax.stages import Stage
 from contextblip_jax.step import ModelSpec, Params, TrainState, make_predict_step, make_train_step, split_model
 
@@ -53,15 +55,16 @@ def build(
     mesh: jax.sharding.Mesh,
     steps_per_epoch: int,
 ) -> Programs:
-    """Splits `model` (after setting the config's remat, attention and dropout) and jits the train and predict
-    steps on `mesh`.
+    """Splits `model` (after setting the config's remat, layer scan, attention and dropout) and jits the train and
+    predict steps on `mesh`.
 
     The train step donates its state and returns it with the same shardings; the predict step takes the state's
     parameters and a batch in the shardings the trainer and its evaluators already give them. With
     `loss.negatives == "per_device"` stage 1 draws its hard negatives within each of the data × fsdp batch shards.
     Configs written before `dropout`, `loss.negatives` existed run as their defaults (no dropout, global).
     """
-    set_remat(model, tuple(config.remat))
+    set_remat(model, tuple(config.remat), config.get("remat_policy", "full"))
+    set_scan(model, config.get("scan_layers", False))
     set_attention(model, config.attention)
     dropout = config.get("dropout") or {}
     set_dropout(model, dropout.get("text", 0.0), dropout.get("tmim", 0.0))
@@ -71,7 +74,8 @@ def build(
     per_device = negatives == "per_device" and stage.data == "captions"  # only stage 1 draws negatives
     shards = math.prod(dict(mesh.shape)[axis] for axis in parallel.BATCH_AXES) if per_device else 1
     spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
-    param_sharding = parallel.flat_param_shardings(model, mesh, parallel.logical_rules(config.logical_rules))
+    rules = parallel.logical_rules(config.logical_rules)
+    param_sharding = parallel.flat_param_shardings(model, mesh, rules)
     tx = optim.build_optimizer(config.optimizer, trainable, steps_per_epoch)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     trainable_sharding = {k: param_sharding[k] for k in trainable}
@@ -87,7 +91,7 @@ def build(
         spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps, batch_shards=shards
     )
     train_step = jax.jit(
-        step_fn,
+        _traced_on(mesh, rules, step_fn),
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
@@ -95,6 +99,20 @@ def build(
     predict = None
     if stage.evaluates:
         predict = jax.jit(
-            make_predict_step(spec, stage), in_shardings=(trainable_sharding, frozen_sharding, batch_sharding)
+            _traced_on(mesh, rules, make_predict_step(spec, stage)),
+            in_shardings=(trainable_sharding, frozen_sharding, batch_sharding),
         )
     return Programs(spec, trainable, frozen, tx, state_sharding, batch_sharding, train_step, predict)
+
+
+def _traced_on(mesh: jax.sharding.Mesh, rules: parallel.Rules, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` and the logical-axis `rules` in scope: the towers' activation constraints
+    (`parallel.with_logical_constraint`) read both while the step is traced, whether the trainer calls it or
+    `--compile_only` lowers it, and need nothing from the caller."""
+
+    @functools.wraps(fn)
+    def traced(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
+            return fn(*args)
+
+    return traced

@@ -66,21 +66,32 @@ def split_model(model: ContextBLIP, trainable: nnx.filterlib.Filter) -> tuple[Mo
     return ModelSpec(graphdef, rest, paths), trained, frozen
 
 
-def micro_batch_groups(batch_shards: int, accum_steps: int) -> int:
-    """How many per-device blocks each micro-batch holds, in order: the global batch is sharded in order into
-    `batch_shards` consecutive blocks, and `make_train_step` cuts it into `accum_steps` consecutive micro-batches.
+def micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> Mapping[str, jax.Array]:
+    """The batch as `accum_steps` micro-batches [accum_steps, B / accum_steps, ...], taken by stride: micro-batch
+    m holds examples m, m + accum_steps, m + 2·accum_steps, ...
 
-    Either each micro-batch is `batch_shards / accum_steps` whole blocks, or it lies inside one block (1); a
-    micro-batch straddling a block boundary has no per-device split, so that combination is refused.
+    The global batch is sharded in order over the data × fsdp devices, so every micro-batch taken this way keeps
+    an equal share on each device: each accumulation step runs on all of them without moving examples. Consecutive
+    micro-batches would each lie on some of the devices only, and XLA would gather them (or leave devices idle).
     """
-    if batch_shards % accum_steps == 0:
-        return batch_shards // accum_steps
-    if accum_steps % batch_shards == 0:
-        return 1
-    raise ValueError(
-        f"per-device hard negatives need grad_accum_steps {accum_steps} and the {batch_shards} batch shards "
-        "(data × fsdp) to divide one another: otherwise a micro-batch straddles two devices' examples"
-    )
+    return jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def micro_batch_groups(batch_shards: int, accum_steps: int, batch_size: int) -> int:
+    """How many per-device blocks each micro-batch holds, in device order: `batch_shards` (one when 1).
+
+    The global batch of `batch_size` is sharded in order into `batch_shards` consecutive blocks, and
+    `micro_batches` takes every `accum_steps`-th example, so micro-batch m is, block after block, each block's
+    examples m, m + accum_steps, ...: `batch_size / (batch_shards · accum_steps)` consecutive examples per device,
+    that device's micro-batch as data-parallel gradient accumulation has it. A block that `accum_steps` does not
+    divide would give the devices unequal shares, so that combination is refused.
+    """
+    if batch_shards > 1 and batch_size % (batch_shards * accum_steps):
+        raise ValueError(
+            f"per-device hard negatives need grad_accum_steps {accum_steps} to divide each of the {batch_shards} "
+            f"batch shards (data × fsdp) of the batch of {batch_size}: otherwise devices hold unequal micro-batches"
+        )
+    return batch_shards
 
 
 def make_train_step(
@@ -97,26 +108,25 @@ def make_train_step(
     Losses summed over examples (`stage.reduction == "sum"`: the candidate cross-entropy) add up across
     micro-batches; averaged ones (stage 1) average. `loss_config` is the run config's `loss` section.
     `batch_shards` > 1: stage 1 draws hard negatives within each device's examples, the batch's `batch_shards`
-    in-order shards; the loss sees a micro-batch, so it gets that micro-batch's blocks (`micro_batch_groups`)
-    as `loss_config.negative_groups`.
+    in-order shards; the loss sees a micro-batch (`micro_batches`: taken by stride), so it gets that
+    micro-batch's per-device blocks (`micro_batch_groups`) as `loss_config.negative_groups`.
     """
     if stage.loss is None:
         raise ValueError(f"stage {stage.name!r} does not train")
-    groups = micro_batch_groups(batch_shards, accum_steps)
-    if groups > 1:
-        loss_config = ml_collections.ConfigDict({**loss_config, "negative_groups": groups})
 
     def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.key(seed), state.step)
+        groups = micro_batch_groups(batch_shards, accum_steps, jax.tree.leaves(batch)[0].shape[0])
+        config = ml_collections.ConfigDict({**loss_config, "negative_groups": groups}) if groups > 1 else loss_config
 
         def loss_of(trainable: Params, micro: Mapping[str, jax.Array], micro_key: jax.Array):
-            return stage.loss(spec.merge(trainable, state.frozen), micro, micro_key, loss_config)
+            return stage.loss(spec.merge(trainable, state.frozen), micro, micro_key, config)
 
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
         if accum_steps == 1:
             (loss, metrics), grads = grad_fn(state.trainable, batch, key)
         else:
-            micro_batches = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
+            inputs = (jnp.arange(accum_steps), micro_batches(batch, accum_steps))
 
             def accumulate(carry, inputs):
                 index, micro = inputs
@@ -125,7 +135,7 @@ def make_train_step(
 
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.trainable, batch, key))
             zeros = (zeros[0][0], zeros[0][1], zeros[1])
-            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro_batches))
+            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zeros, inputs)
             metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
             if stage.reduction == "mean":
                 loss, grads = loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)

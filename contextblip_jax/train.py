@@ -31,6 +31,7 @@ from contextblip_jax import (
     parallel,
     programs,
     skipped,
+    stages,
     targets,
     trainconfig,
     weights,
@@ -137,31 +138,13 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
     train_input = inputs.train_input(config, stage)
     iterator = iter(train_input.dataset)
 
-    # ---- Model: a previous checkpoint of this run wins over `config.init` ------------------------------------
-    model, origin = weights.initial_model(config)
-    weights.check_resume(workdir, model.config)
-    weights.save_model_config(workdir, model)
-
-    # ---- Shardings and steps: built as `--compile_only` builds them (programs.py) ----------------------------
+    # ---- Model, shardings and steps, in their shards: a previous checkpoint of this run wins over `config.init` --
     epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
     steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps
     total_steps = config.total_steps or config.get("epochs", 0) * steps_per_epoch
     logging.info("%d steps of %d examples (%d steps per epoch)", total_steps, config.data.batch_size, steps_per_epoch)
-    built = programs.build(config, stage, model, mesh, steps_per_epoch)
-    del model
-    trainable, frozen, tx, state_sharding = built.trainable, built.frozen, built.tx, built.state_sharding
-    logging.info(
-        "model from %s: %d parameters train, %d frozen (pattern %r)",
-        origin,
-        sum(v.size for v in trainable.values()),
-        sum(v.size for v in frozen.values()),
-        config.trainable or stage.trainable,
-    )
-    init_state = jax.jit(
-        lambda t, f: TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t)), out_shardings=state_sharding
-    )
-    state = init_state(trainable, frozen)
-    train_step, batch_sharding = built.train_step, built.batch_sharding
+    built, state = initial_state(config, stage, mesh, workdir, steps_per_epoch)
+    state_sharding, train_step, batch_sharding = built.state_sharding, built.train_step, built.batch_sharding
 
     # ---- Checkpoint: resume if this workdir has one ----------------------------------------------------------
     checkpoints = checkpoint.RunCheckpoints(workdir, config.keep_checkpoints)
@@ -238,6 +221,35 @@ def _train(config, workdir, preempted, coordinator, num_processes, process_id, h
     telemetry.close()
     plot = telemetry.plot()
     return {"best": best_rows, "plot": plot, "metrics": f"{workdir}/metrics.jsonl"}
+
+
+def initial_state(
+    config, stage: stages.Stage, mesh: jax.sharding.Mesh, workdir: str, steps_per_epoch: int
+) -> tuple[programs.Programs, TrainState]:
+    """The run's programs (`programs.build`, as `--compile_only` builds them) and its state at step 0.
+
+    Every parameter is created or read straight into its shards (`weights.initial_model`; a PyTorch checkpoint
+    is the exception: converted whole on the host first), and the optimizer state is initialised in the shards
+    its parameters dictate (`parallel.optimizer_shardings`). The parameters are donated to the state rather than
+    copied, so `Programs.trainable` and `frozen` keep only their shapes and shardings afterwards."""
+    model, origin = weights.initial_model(config, mesh)
+    weights.check_resume(workdir, model.config)
+    weights.save_model_config(workdir, model)
+    built = programs.build(config, stage, model, mesh, steps_per_epoch)
+    del model
+    logging.info(
+        "model from %s: %d parameters train, %d frozen (pattern %r)",
+        origin,
+        sum(v.size for v in built.trainable.values()),
+        sum(v.size for v in built.frozen.values()),
+        config.trainable or stage.trainable,
+    )
+    init_state = jax.jit(
+        lambda t, f: TrainState(jnp.zeros((), jnp.int32), t, f, built.tx.init(t)),
+        out_shardings=built.state_sharding,
+        donate_argnums=(0, 1),
+    )
+    return built, init_state(built.trainable, built.frozen)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -22,7 +22,7 @@ from contextblip_jax import stages
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.pipeline import DataConfig
 from contextblip_jax.models.config import ContextBLIPConfig
-from contextblip_jax.models.contextblip import REMAT_TOWERS
+from contextblip_jax.models.contextblip import REMAT_POLICIES, REMAT_TOWERS
 from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 
@@ -86,6 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.logical_rules = ()  # (logical axis, mesh axes) pairs; empty = parallel.DEFAULT_RULES
     c.dtype = "float32"  # compute dtype (bfloat16 on TPU/GPU); parameters stay float32
     c.remat = ()  # towers whose blocks are recomputed in the backward pass: ("vision",), ("vision", "text")
+    # what each recomputed block keeps from its forward pass (contextblip.REMAT_POLICIES): full (nothing, the
+    # least memory) | dots_no_batch (its weight products' outputs: less recomputation) | dots (also attention's)
+    c.remat_policy = "full"
+    # run each tower's blocks as one scanned body (models/stack.py): compiled once instead of once per block,
+    # for compile time on large targets (ViT-L, TPU pods); costs a copy of the towers' parameters per step
+    c.scan_layers = False
     c.attention = "einsum"  # self-attention: einsum | xla | cudnn (fused, NVIDIA GPUs in bfloat16), models/layers.py
     c.grad_accum_steps = 1  # micro-batches per optimizer step, inside the jitted step
     c.trainable = ""  # regex over dotted parameter paths that train; empty = the stage's default
@@ -118,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
             mask_prediction=0.0,  # stage 1: weight of the optional mask-prediction loss
             temperature=0.0,  # hard-negative sampling temperature (0: none, as the authors)
             # stage 1 hard negatives drawn from: global (the whole batch) | per_device (each data × fsdp shard of
-            # the micro-batch, as the authors' per-GPU batch; grad_accum_steps and the shard count must divide)
+            # the micro-batch, as the authors' per-GPU batch; grad_accum_steps must divide each shard's examples)
             negatives="global",
             # TMIM's guiding text token: example (a real token of each caption) | batch (the authors: one position
             # for the whole batch, padding included; models/tmim.py choose_text_positions)
@@ -149,6 +155,8 @@ def check(config: ml_collections.ConfigDict) -> stages.Stage:
     unknown = sorted(set(config.remat) - set(REMAT_TOWERS))
     if unknown:
         raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
+    if config.get("remat_policy", "full") not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {config.remat_policy!r} unknown; choose from {tuple(REMAT_POLICIES)}")
     if config.attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention {config.attention!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
     if config.attention == "cudnn" and config.dtype not in ("bfloat16", "float16"):

@@ -2,24 +2,40 @@
 a training run's best or latest checkpoint (`best.py`); and the architecture file that ties a workdir's
 checkpoints to a model.
 
-Imports: the model, conversion (`convert/`), `checkpoint.py`, `best.py` and the run-config helpers; never the trainer.
+Models are built on a mesh, each parameter straight into the shards its logical axes give it
+(`parallel.init_sharded`): no device or host holds a whole parameter of which it needs only a shard, except
+where a PyTorch file is converted (below). Per source:
+- random initialisation: drawn inside `jax.jit` with the shardings as outputs (within an ulp of an eager
+  build, see `parallel.init_sharded`);
+- a converted folder, or a previous run's best or latest checkpoint: read by Orbax into their shards, each
+  process reading only its devices' slices (`checkpoint.Shardings`); the parts a BLIP folder lacks are drawn
+  as above;
+- a PyTorch checkpoint (`.pth`, safetensors, a Hugging Face folder): converted whole on each host first, since
+  conversion reads the file's tensors, then split onto the devices; convert it once
+  (`python -m contextblip_jax.convert`) for a model too large for one host.
+Without a mesh, a model is built on this process's first device (prediction, tests).
+
+Imports: the model, conversion (`convert/`), `checkpoint.py`, `best.py`, `parallel.py` and the run-config helpers;
+never the trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
-from contextblip_jax import best, checkpoint, trainconfig
-from contextblip_jax.convert import directory, load_contextblip
-from contextblip_jax.convert.contextblip import build_contextblip
+from contextblip_jax import best, checkpoint, parallel, trainconfig
+from contextblip_jax.convert import directory, read_contextblip
 from contextblip_jax.models.config import ContextBLIPConfig, flatten_dict
 from contextblip_jax.models.contextblip import ContextBLIP
 
@@ -27,26 +43,39 @@ MODEL_CONFIG_FILE = directory.CONFIG_FILE
 """A workdir's architecture, written before its first checkpoint (named as in a converted folder)."""
 
 
-def run_params(workdir: str, choice: str = "best") -> tuple[ContextBLIPConfig, dict[str, np.ndarray], int] | None:
+def run_params(
+    workdir: str, choice: str = "best", mesh: Mesh | None = None, rules: parallel.Rules = parallel.DEFAULT_RULES
+) -> tuple[ContextBLIPConfig, dict[str, Any], int] | None:
     """The architecture, parameters and step of the training run in `workdir`; None if it has no checkpoint.
 
     `choice`: `best` (the model `W/best.json` names; the latest when the run never evaluated, e.g. stage 1),
     `latest` (the newest intact checkpoint; damaged newer ones are named in a warning,
-    `checkpoint.DamagedCheckpointError` when none reads back) or a step number."""
+    `checkpoint.DamagedCheckpointError` when none reads back) or a step number. With `mesh`, every parameter is
+    read straight into its shards under `rules`; without, whole to the host as numpy arrays."""
     best.check_choice(choice)
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    found = _chosen_params(workdir, choice)
+
+    def config() -> ContextBLIPConfig:  # read once a checkpoint is found: a converted folder has a file of that name
+        with open(path) as f:
+            return ContextBLIPConfig.from_json(f.read())
+
+    found = _chosen_params(workdir, choice, lambda: None if mesh is None else _shardings(config(), mesh, rules))
     if found is None:
         return None
     step, params = found
-    with open(path) as f:
-        config = ContextBLIPConfig.from_json(f.read())
-    return config, params, step
+    return config(), params, step
 
 
-def _chosen_params(workdir: str, choice: str) -> tuple[int, dict[str, np.ndarray]] | None:
+def _shardings(config: ContextBLIPConfig, mesh: Mesh, rules: parallel.Rules) -> dict[str, jax.sharding.Sharding]:
+    """Each parameter's sharding by dotted name, from the model's shapes alone."""
+    return parallel.flat_param_shardings(nnx.eval_shape(lambda: ContextBLIP(config, rngs=nnx.Rngs(0))), mesh, rules)
+
+
+def _chosen_params(
+    workdir: str, choice: str, shardings: Callable[[], checkpoint.Shardings | None]
+) -> tuple[int, dict[str, Any]] | None:
     recorded = best.read(workdir) if choice == "best" else None
     if choice == "best" and recorded is None:
         logging.info("%s has no %s (it never evaluated): taking its latest checkpoint", workdir, best.BEST_FILE)
@@ -54,17 +83,17 @@ def _chosen_params(workdir: str, choice: str) -> tuple[int, dict[str, np.ndarray
         step = recorded["step"] if recorded is not None else int(choice)
         store = checkpoint.BestParams(workdir)
         try:
-            return step, store.restore_params(step)
+            return step, store.restore_params(step, shardings())
         finally:
             store.close()
     checkpoints = checkpoint.RunCheckpoints(workdir)
     try:
-        if not choice.isdigit():
-            return checkpoints.latest_params()  # the newest intact one; damaged ones are named
+        if not choice.isdigit():  # the newest intact one; damaged ones are named
+            return checkpoints.latest_params(shardings()) if checkpoints.all_steps() else None
         if int(choice) not in checkpoints.all_steps():
             kept = sorted(set(checkpoints.all_steps()) | set(_best_steps(workdir)))
             raise FileNotFoundError(f"{workdir} holds no checkpoint of step {choice}; it holds steps {kept}")
-        return int(choice), checkpoints.restore_params(int(choice))
+        return int(choice), checkpoints.restore_params(int(choice), shardings())
     finally:
         checkpoints.close()
 
@@ -79,26 +108,37 @@ def _best_steps(workdir: str) -> list[int]:
         store.close()
 
 
-def run_model(workdir: str, dtype: jnp.dtype = jnp.float32, choice: str = "best") -> tuple[ContextBLIP, int] | None:
-    """The model of the training run in `workdir` at the chosen checkpoint (`run_params`) and its step; None if
-    it has none."""
-    found = run_params(workdir, choice)
+def run_model(
+    workdir: str,
+    dtype: jnp.dtype = jnp.float32,
+    choice: str = "best",
+    mesh: Mesh | None = None,
+    rules: parallel.Rules = parallel.DEFAULT_RULES,
+) -> tuple[ContextBLIP, int] | None:
+    """The model of the training run in `workdir` at the chosen checkpoint (`run_params`), each parameter read
+    straight into its shards of `mesh` (default: this process's first device), and its step; None if it has
+    none."""
+    mesh = _one_device() if mesh is None else mesh
+    found = run_params(workdir, choice, mesh, rules)
     if found is None:
         return None
     config, params, step = found
-    return build_contextblip(config, params, dtype), step
+    return _sharded(config, params, dtype, mesh, rules), step
 
 
-def initial_model(config: ml_collections.ConfigDict) -> tuple[ContextBLIP, str]:
-    """The model a run starts from, and where it came from (random, a checkpoint, or a previous stage)."""
+def initial_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> tuple[ContextBLIP, str]:
+    """The model a run starts from, in its shards of `mesh` (default: this process's first device) under the
+    config's logical-axis rules, and where it came from (random, a checkpoint, or a previous stage)."""
     dtype = jnp.dtype(config.dtype)
+    mesh = _one_device() if mesh is None else mesh
+    rules = parallel.logical_rules(config.logical_rules)
     if not config.init:
-        model = ContextBLIP(trainconfig.model_config(config), dtype=dtype, rngs=nnx.Rngs(config.seed))
+        model = _sharded(trainconfig.model_config(config), {}, dtype, mesh, rules, seed=config.seed)
         return model, "random initialisation"
     if not os.path.exists(config.init):
         raise FileNotFoundError(f"init {config.init} does not exist")
     choice = config.get("init_checkpoint", "best")
-    previous = run_model(config.init, dtype, choice) if os.path.isdir(config.init) else None
+    previous = run_model(config.init, dtype, choice, mesh, rules) if os.path.isdir(config.init) else None
     if previous is not None:
         taken = choice if choice != "best" or best.read(config.init) else f"latest: it has no {best.BEST_FILE}"
         return previous[0], f"step {previous[1]} of {config.init} ({taken})"
@@ -108,9 +148,33 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[ContextBLIP, str]:
         and not os.path.exists(os.path.join(config.init, "config.json"))
     ):
         raise FileNotFoundError(f"init {config.init} holds neither a run checkpoint nor convertible weights")
-    image_size = config.model.blip.vision.image_size
-    model = load_contextblip(config.init, dtype=dtype, image_size=image_size, seed=config.seed, init=config.model.init)
+    model_config, params = read_contextblip(
+        config.init,
+        image_size=config.model.blip.vision.image_size,
+        shardings=lambda model_config: _shardings(model_config, mesh, rules),
+    )
+    model = _sharded(model_config, params, dtype, mesh, rules, seed=config.seed, init=config.model.init)
     return model, config.init
+
+
+def _sharded(
+    config: ContextBLIPConfig,
+    params: dict[str, Any],
+    dtype: jnp.dtype,
+    mesh: Mesh,
+    rules: parallel.Rules,
+    seed: int = 0,
+    init: str | None = None,
+) -> ContextBLIP:
+    """A ContextBLIP holding `params` in their shards; parameters not given are drawn from `seed` in theirs, as
+    `init` says (`ContextBLIPConfig.init`; None: as `config` says), which the model's config records."""
+    if init is not None:
+        config = dataclasses.replace(config, init=init)
+    return parallel.init_sharded(lambda: ContextBLIP(config, dtype=dtype, rngs=nnx.Rngs(seed)), mesh, rules, params)
+
+
+def _one_device() -> Mesh:
+    return parallel.make_mesh((1, 1, 1), jax.local_devices()[:1])
 
 
 def check_resume(workdir: str, config: ContextBLIPConfig) -> None:

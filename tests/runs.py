@@ -7,7 +7,9 @@ several processes, 8 simulated devices, the command lines), the equivalent comma
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -26,6 +28,21 @@ def device_env(devices: int, **extra: str) -> dict[str, str]:
     extended (the suite's compile settings stay), not replaced."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def facts_on_devices(module: str, devices: int, *args: str, timeout: int = 600) -> dict:
+    """Runs test module `module` as a script (`python -m module args`) with `devices` simulated CPU devices, which
+    the pytest process (one device) cannot have, and returns the JSON object its last output line holds."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=device_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-6000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def user_env() -> dict[str, str]:

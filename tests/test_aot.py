@@ -73,6 +73,23 @@ def test_tiny_config_compiles_for_v5e_8(tmp_path):
 
 
 @pytest.mark.long
+@needs_libtpu
+def test_scanned_towers_compile_for_v5e_8_and_count_the_unrolled_flops(tmp_path):
+    """XLA counts a loop's body once: the report counts FLOPs on the same step unrolled, so scanning changes the
+    program and its compile, not the FLOPs reported."""
+    unrolled = aot.compile_only(tiny_config(), str(tmp_path / "unrolled"), targets.parse("v5e-8"))
+    config = tiny_config()
+    config.scan_layers = True
+    scanned = aot.compile_only(config, str(tmp_path / "scanned"), targets.parse("v5e-8"))
+    check_report(scanned, tmp_path / "scanned", "tpu", 8)
+    assert scanned["scan_layers"] and not unrolled["scan_layers"] and "layers scanned" in aot.table(scanned)
+    for step in ("train", "eval"):
+        assert scanned[step]["flops_per_step"] == pytest.approx(unrolled[step]["flops_per_step"], rel=1e-6)
+        assert scanned[step]["flops_per_device_compiled"] is None
+        assert "unrolled" in scanned[step]["flops_source"]
+
+
+@pytest.mark.long
 @needs_cuda_plugin
 def test_tiny_config_compiles_for_h100x8(tmp_path):
     report = aot.compile_only(tiny_config(), str(tmp_path), targets.parse("h100x8"))

@@ -1,5 +1,6 @@
-"""A run's checkpoints in-process: the train state and the data iterator's position survive a round trip, and a
-damaged checkpoint is named and passed over for the newest intact one."""
+"""A run's checkpoints in-process: the train state and the data iterator's position survive a round trip, a
+damaged checkpoint is named and passed over for the newest intact one, and parameters are read into the
+shardings asked for (on 8 devices: tests/test_sharded_init.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from contextblip_jax.checkpoint import DamagedCheckpointError, RunCheckpoints
+from contextblip_jax.checkpoint import BestParams, DamagedCheckpointError, RunCheckpoints, restore_params, save_params
 from contextblip_jax.step import TrainState
 
 
@@ -166,3 +167,30 @@ def test_parameters_for_a_next_stage_come_from_the_newest_intact_checkpoint_and_
     step, params = RunCheckpoints(str(tmp_path)).latest_params()
     assert step == 1 and (tmp_path / "checkpoints" / "2").is_dir()
     np.testing.assert_array_equal(params["head.proj.kernel"], np.arange(6.0).reshape(3, 2))
+
+
+def test_parameters_are_read_into_the_shardings_asked_for_and_the_others_to_the_host(tmp_path):
+    """From a run's checkpoint, its best parameters and a converted folder alike."""
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    saved = state(2.0)
+    two_checkpoints(tmp_path)
+    store = BestParams(str(tmp_path))
+    store.save(2, {**saved.trainable, **saved.frozen})
+    save_params(str(tmp_path / "converted"), {**saved.trainable, **saved.frozen})
+    checkpoints = RunCheckpoints(str(tmp_path))
+    wanted = {"head.proj.kernel": sharding}
+    reads = {
+        "run": checkpoints.restore_params(2, wanted),
+        "latest": checkpoints.latest_params(wanted)[1],
+        "best": store.restore_params(2, wanted),
+        "converted": restore_params(str(tmp_path / "converted"), wanted),
+    }
+    checkpoints.close()
+    store.close()
+    for where, params in reads.items():
+        kernel, token = params["head.proj.kernel"], params["blip.vision.cls_token"]
+        assert isinstance(kernel, jax.Array) and kernel.sharding == sharding, where
+        assert isinstance(token, np.ndarray), where
+        np.testing.assert_array_equal(kernel, saved.trainable["head.proj.kernel"])
+        np.testing.assert_array_equal(token, saved.frozen["blip.vision.cls_token"])

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
-from contextblip_jax import parallel
+from contextblip_jax import optim, parallel
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.layers import MultiHeadAttention
-from tests.runs import device_env
+from contextblip_jax.step import split_model
+from tests.runs import facts_on_devices, run_config
 from tests.tiny import tiny_contextblip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,9 +132,8 @@ def _helper_facts() -> dict:
     def create():
         return MultiHeadAttention(32, 4, rngs=nnx.Rngs(3))
 
-    _, state, _ = parallel.init_sharded(create, mesh)
     eager = _by_path(nnx.state(create()))
-    sharded = _by_path(state)
+    sharded = _by_path(nnx.state(parallel.init_sharded(create, mesh)))
     x = jnp.ones((8, 5, 32))
     with jax.set_mesh(mesh):
         y = jax.jit(lambda x: parallel.with_logical_constraint(2 * x, ("batch", None, "embed")))(x)
@@ -160,16 +157,7 @@ def _facts() -> dict:
 
 @pytest.fixture(scope="module")
 def facts() -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.test_parallel"],
-        cwd=ROOT,
-        env=device_env(8),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-6000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return facts_on_devices("tests.test_parallel", 8)
 
 
 # -- 8 simulated devices -------------------------------------------------------------------------------------------
@@ -262,16 +250,34 @@ def test_rules_from_config_override_the_defaults():
 
 def test_indivisible_dimensions_are_replicated():
     mesh = _abstract_mesh((1, 2, 8))
-    optimizer = nnx.eval_shape(lambda: nnx.Optimizer(_create(), optax.adam(1e-3), wrt=nnx.Param))
     params = _by_path(parallel.param_shardings(nnx.state(nnx.eval_shape(_create)), mesh))
     assert params["blip.text.embeddings.word.embedding"].get_value().spec == PartitionSpec(None, "fsdp")  # 30524 % 8
     assert params["context.layers.0.self_attn.query.kernel"].get_value().spec == PartitionSpec("fsdp", None, None)
     assert params["blip.text.layers.0.self_attn.query.kernel"].get_value().spec == PartitionSpec("fsdp", None, None)
     assert params["blip.text.layers.0.fc1.kernel"].get_value().spec == PartitionSpec("fsdp", "tensor")
-    # optimizer moments copy their parameter's logical axes and are sharded alike; the step count is replicated
-    moments = _by_path(parallel.param_shardings(nnx.state(optimizer), mesh))
-    assert moments["opt_state.0.mu.blip.text.layers.0.fc1.kernel"].get_value().spec == PartitionSpec("fsdp", "tensor")
-    assert moments["opt_state.0.count"].get_value().spec == PartitionSpec()
+
+
+def test_the_trainers_optimizer_state_follows_its_parameters():
+    """`optimizer_shardings` on the optimizer `programs.build` makes (two rate groups, clipping): each Adam moment
+    in its parameter's sharding, counts replicated, in the state's own structure (what `jax.jit` needs)."""
+    mesh = _abstract_mesh((1, 2, 8))
+    model = nnx.eval_shape(_create)
+    _, trainable, _ = split_model(model, nnx.Param)
+    params = {k: v for k, v in parallel.flat_param_shardings(model, mesh).items() if k in trainable}
+    config = run_config("unused").optimizer
+    config.update(head_pattern=r"^head\.", clip_norm=1.0)
+    opt_state = jax.eval_shape(optim.build_optimizer(config, trainable, 10).init, trainable)
+    shardings = parallel.optimizer_shardings(opt_state, params, mesh)
+    assert jax.tree.structure(shardings) == jax.tree.structure(opt_state)
+    moments = 0
+    for path, sharding in jax.tree_util.tree_leaves_with_path(shardings):
+        if getattr(path[-2], "name", None) in ("mu", "nu"):
+            moments += 1
+            assert sharding == params[path[-1].key], path
+        else:
+            assert sharding.spec == PartitionSpec(), path
+    assert moments == 2 * len(trainable)
+    assert params["blip.text.layers.0.fc1.kernel"].spec == PartitionSpec("fsdp", "tensor")  # not a vacuous check
 
 
 def test_batch_sharding_and_divisibility():

@@ -138,14 +138,14 @@ def test_finetune_step_with_dropout_changes_the_loss_and_repeats_exactly():
     assert on[0] != on[2] and abs(on[0] - off[0]) > 1e-4
 
 
-def test_micro_batch_groups_follow_the_in_order_shards():
-    """8 shards, 2 micro-batches: each micro-batch is 4 devices' whole shards; 2 shards, 4 micro-batches: each
-    micro-batch lies inside one device's shard."""
-    for shards, accum, groups in ((8, 1, 8), (8, 2, 4), (2, 4, 1), (1, 3, 1)):
-        assert micro_batch_groups(shards, accum) == groups
-    for shards, accum in ((4, 3), (6, 4)):
-        with pytest.raises(ValueError, match="straddles"):
-            micro_batch_groups(shards, accum)
+def test_micro_batch_groups_are_the_batch_shards():
+    """Micro-batches taken by stride hold a share of every shard: 8 shards, 2 micro-batches of a batch of 32 make
+    8 groups of 2 in each micro-batch; a shard that the micro-batches do not divide is refused."""
+    for shards, accum, size, groups in ((8, 1, 16, 8), (8, 2, 32, 8), (2, 4, 8, 2), (1, 3, 6, 1)):
+        assert micro_batch_groups(shards, accum, size) == groups
+    for shards, accum, size in ((4, 3, 16), (6, 4, 12)):
+        with pytest.raises(ValueError, match="unequal micro-batches"):
+            micro_batch_groups(shards, accum, size)
 
 
 def test_the_train_step_gives_the_loss_its_micro_batch_groups_and_stage_one_uses_them():
@@ -160,7 +160,7 @@ def test_the_train_step_gives_the_loss_its_micro_batch_groups_and_stage_one_uses
     spec, trainable, frozen = split_model(model, recording.trainable_filter())
     tx = optax.sgd(1.0)
     state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
-    for shards, accum, groups in ((4, 2, 2), (1, 2, 1), (2, 4, 1)):
+    for shards, accum, groups in ((4, 2, 4), (1, 2, 1), (2, 4, 2)):
         step = make_train_step(spec, recording, base_config().loss, tx, seed=0, accum_steps=accum, batch_shards=shards)
         assert float(jax.jit(step)(state, {"x": jnp.zeros((8, 1))})[1]["groups"]) == groups
 

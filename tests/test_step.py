@@ -1,10 +1,18 @@
-"""The pure train step in-process: gradient accumulation and frozen parameters, on the tiny model."""
+"""The pure train step in-process: gradient accumulation and frozen parameters, on the tiny model.
+
+Where the micro-batches lie on 8 devices is checked in a child process with 8 simulated CPU devices, which runs
+this file as a script (`python -m tests.test_step`) and prints what it measured as JSON.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import subprocess
+import sys
+from typing import Any
 
 import chex
 import jax
@@ -13,13 +21,22 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from contextblip_jax import losses, stages
+from contextblip_jax import aot, losses, parallel, stages
 from contextblip_jax.models.config import AdapterConfig
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
+from contextblip_jax.step import (
+    TrainState,
+    make_predict_step,
+    make_train_step,
+    micro_batch_groups,
+    micro_batches,
+    split_model,
+)
 from contextblip_jax.trainconfig import base_config
+from tests.runs import ROOT, device_env
 from tests.tiny import stage_batch, tiny_contextblip
 
 pytestmark = pytest.mark.xdist_group("test_step")  # one worker computes each cached `one_step` once
@@ -115,3 +132,57 @@ def test_this_module_runs_as_one_xdist_group(request):
     pytest-xdist 3.8 silently dropped every group: the node id lost its `@group` suffix)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         assert request.node.nodeid.endswith("@test_step"), request.node.nodeid
+
+
+def test_each_micro_batch_holds_every_devices_share_in_device_order():
+    """16 examples on 4 devices (blocks of 4), 2 micro-batches: each micro-batch's `micro_batch_groups`
+    consecutive blocks are the 4 devices' shares, in device order, as per-device hard negatives need."""
+    device = np.arange(16) // 4
+    micro = np.asarray(micro_batches({"example": jnp.arange(16)}, 2)["example"])
+    groups = micro_batch_groups(4, 2, 16)
+    assert micro.shape == (2, 8) and sorted(micro.ravel()) == list(range(16))
+    for examples in micro:
+        np.testing.assert_array_equal(device[examples], np.repeat(np.arange(groups), 2))  # 2 per device
+    assert micro_batch_groups(1, 3, 6) == 1
+    with pytest.raises(ValueError, match="grad_accum_steps 3 to divide each of the 4 batch shards"):
+        micro_batch_groups(4, 3, 16)
+
+
+def linear_loss(model: nnx.Linear, batch: stages.Batch, key: jax.Array, config: Any) -> tuple[jax.Array, dict]:
+    """A loss of a linear layer summed over examples: its replicated parameters need no collective but the
+    gradient's all-reduce, so any other collective in its train step moves micro-batches."""
+    del key, config
+    return jnp.tanh(model(batch["x"])).sum(), {}
+
+
+def accumulation_collectives(accum_steps: int) -> dict[str, int]:
+    """The collectives of the train step compiled for a batch of 32 sharded over data 2 × fsdp 4 devices."""
+    mesh = parallel.make_mesh((2, 4, 1))
+    spec, trainable, frozen = split_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Param)
+    stage = dataclasses.replace(stages.get("finetune"), loss=linear_loss)
+    tx = optax.sgd(1.0)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
+    step = make_train_step(spec, stage, base_config().loss, tx, seed=0, accum_steps=accum_steps)
+    jitted = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh, 2)))
+    batch = {"x": jax.ShapeDtypeStruct((32, 4), jnp.float32)}
+    return aot.count_collectives(jitted.lower(state, batch).compile().as_text())
+
+
+def test_every_micro_batch_stays_on_all_8_devices():
+    """Micro-batches taken by stride keep each device's share of the batch, so accumulating moves no example:
+    the step has the gradient's all-reduce and nothing else. (Consecutive micro-batches each lie on a subset
+    of the devices, and XLA all-gathers them: this fails with `x.reshape(accum_steps, -1, ...)`.)"""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_step"], cwd=ROOT, env=device_env(8), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-6000:]
+    for accum_steps, collectives in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        assert collectives["all-reduce"] >= 1, (accum_steps, collectives)
+        assert sum(collectives.values()) == collectives["all-reduce"], (accum_steps, collectives)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    print(json.dumps({accum_steps: accumulation_collectives(accum_steps) for accum_steps in (1, 2, 4)}))

@@ -78,3 +78,13 @@ def test_a_run_without_imagecode_says_what_to_get_and_where(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"lacks valid_data\.json, test_data_unlabeled\.json, image-sets"):
         trainconfig.check_imagecode_folder(config, stages.get("finetune"))
     trainconfig.check_imagecode_folder(config, stages.get("pretrain"))  # stage 1 reads captions
+
+
+def test_the_remat_policy_is_checked_before_anything_is_built():
+    config = config_file("synthetic", "variant=tiny")
+    assert config.remat_policy == "full"
+    config.remat_policy = "dots"
+    trainconfig.check(config)
+    config.remat_policy = "everything"
+    with pytest.raises(ValueError, match=r"remat_policy 'everything' unknown; choose from \('full', 'dots_no_batch'"):
+        trainconfig.check(config)

@@ -15,6 +15,7 @@ anything.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +45,41 @@ def trainable_filter(pattern: str) -> nnx.filterlib.Filter:
 
 REMAT_TOWERS = ("vision", "text")
 
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
+"""What a recomputed block keeps from its forward pass besides its input (`jax.checkpoint` policies).
 
-def set_remat(model: ContextBLIP, towers: list[str] | tuple[str, ...]) -> None:
-    """Rematerialise the blocks of the named towers (`vision`, `text`) in the backward pass: the remat policy
-    is a runtime choice, like the compute dtype, so it is set on a built model rather than in its config."""
+`full`: nothing; the backward pass runs the whole block again (least memory). `dots_no_batch`: the outputs of
+its weight products (attention's projections, the MLP's layers) that the backward pass reads, the dot products
+without batch dimensions; LayerNorms, activations, softmax and attention's two batched products are recomputed,
+and those are a small part of a block's FLOPs (at ViT-B's 197 tokens, about 4%). `dots`: also attention's batched
+products, its float32 scores [B, heads, T, T] and probabilities·values, so only elementwise work is recomputed
+at the cost of the score matrices (the `cudnn` attention kernel is no dot product: recomputed whatever the
+policy)."""
+
+
+def set_remat(model: ContextBLIP, towers: list[str] | tuple[str, ...], policy: str = "full") -> None:
+    """Rematerialise the blocks of the named towers (`vision`, `text`) in the backward pass, keeping what
+    `policy` (`REMAT_POLICIES`) names: a runtime choice, like the compute dtype, so it is set on a built model
+    rather than in its config."""
     unknown = sorted(set(towers) - set(REMAT_TOWERS))
     if unknown:
         raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
-    model.blip.vision.remat = "vision" in towers
-    model.blip.text.remat = "text" in towers
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} unknown; choose from {tuple(REMAT_POLICIES)}")
+    model.blip.vision.remat_policy = REMAT_POLICIES[policy] if "vision" in towers else None
+    model.blip.text.remat_policy = REMAT_POLICIES[policy] if "text" in towers else None
+
+
+def set_scan(model: ContextBLIP, scan: bool) -> None:
+    """Runs both towers' blocks (vision blocks, text layers) as one scanned body each instead of unrolled
+    (`stack.run_blocks`): the same function and the same stored parameters, compiled once per tower rather than
+    once per block. A runtime choice like remat, set on a built model."""
+    model.blip.vision.scan = bool(scan)
+    model.blip.text.scan = bool(scan)
 
 
 def set_attention(model: ContextBLIP, implementation: str) -> None:

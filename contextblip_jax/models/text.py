@@ -7,18 +7,25 @@ width. Each layer's cross-attention probabilities are returned for TMIM's text-g
 Dropout sits where BERT has it (the authors' `models/med.py`): after the embeddings' LayerNorm, on the attention
 probabilities, and on each sub-layer's output before its residual LayerNorm. Its rate is built as 0 and set on a
 built model (`contextblip.set_dropout`); it runs only on calls that pass `rngs`.
+
+The hidden states entering and leaving each layer are constrained to logical axes (batch, length, embed), as
+maxtext constrains its layers': on a mesh (`jax.set_mesh`) they stay split over the batch axes (data × fsdp)
+between layers; without one it is a no-op (`parallel.with_logical_constraint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from contextblip_jax import parallel
 from contextblip_jax.models.config import TextConfig
 from contextblip_jax.models.layers import DEFAULT_INIT, Dense, Draws, MultiHeadAttention, activation, layer_norm
+from contextblip_jax.models.stack import run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +142,10 @@ class TextEncoder(nnx.Module):
         self.config = config
         self.embeddings = TextEmbeddings(config, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([TextLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
-        self.remat = False  # recompute each layer in the backward pass instead of storing its activations
+        # recompute each layer in the backward pass, keeping what this `jax.checkpoint` policy saves (None: off);
+        # set on a built model by `contextblip.set_remat`
+        self.remat_policy: Callable[..., bool] | None = None
+        self.scan = False  # run the layers as one scanned body (`stack.run_blocks`); `contextblip.set_scan`
 
     def __call__(
         self,
@@ -150,22 +160,16 @@ class TextEncoder(nnx.Module):
         `input_ids` are used as given: whether the first token is `[CLS]` or `[ENC]` is the tokenizer's choice.
         `rngs` switches dropout on (training); without it the encoder is deterministic.
         """
-        x = self.embeddings(input_ids, rngs)
-        maps = []
-        apply = nnx.remat(_apply_layer) if self.remat else _apply_layer
-        for layer in self.layers:
-            x, probs = apply(layer, x, attention_mask, image_tokens, image_mask, rngs)
-            if probs is not None:
-                maps.append(probs)
-        return TextOutput(last_hidden_state=x, cross_attention=tuple(maps))
+        x = _constrain(self.embeddings(input_ids, rngs))
+
+        def apply(layer: TextLayer, x: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array | None]:
+            x, probs = layer(x, attention_mask, image_tokens, image_mask, rngs)
+            return _constrain(x), probs
+
+        x, maps = run_blocks(self.layers, x, apply, remat_policy=self.remat_policy, scan=self.scan, rngs=rngs)
+        return TextOutput(last_hidden_state=x, cross_attention=tuple(m for m in maps if m is not None))
 
 
-def _apply_layer(
-    layer: TextLayer,
-    x: jax.Array,
-    mask: jax.Array,
-    image_tokens: jax.Array | None,
-    image_mask: jax.Array | None,
-    rngs: nnx.Rngs | None,
-) -> tuple[jax.Array, jax.Array | None]:
-    return layer(x, mask, image_tokens, image_mask, rngs)
+def _constrain(x: jax.Array) -> jax.Array:
+    """Hidden states [B, T, D] between layers: split over the batch on a mesh (module docstring)."""
+    return parallel.with_logical_constraint(x, ("batch", "length", "embed"))

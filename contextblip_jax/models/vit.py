@@ -3,17 +3,24 @@
 Pre-LN blocks (`x += attn(ln1(x)); x += mlp(ln2(x))`), no LayerNorm before the blocks and one after them.
 Every block's output is returned because ContextBLIP's adapter reads blocks 3/6/9/12, and the forward pass is
 split into patch embedding, CLS token and the block stack because TMIM runs the blocks on a subset of patches.
+
+The tokens entering and leaving each block are constrained to logical axes (batch, length, embed), as
+big_vision's ViT constrains them: on a mesh (`jax.set_mesh`) the hidden states between blocks stay split over
+the batch axes (data × fsdp) whatever GSPMD would infer from the parameters around them; without one it is a
+no-op (`parallel.with_logical_constraint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from contextblip_jax import parallel
 from contextblip_jax.models.config import VisionConfig
 from contextblip_jax.models.layers import (
     DEFAULT_INIT,
@@ -24,6 +31,7 @@ from contextblip_jax.models.layers import (
     layer_norm,
     sharded_param,
 )
+from contextblip_jax.models.stack import run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +71,10 @@ class VisionTransformer(nnx.Module):
         self.pos_embed = sharded_param(rngs, DEFAULT_INIT, (1, config.num_tokens, d), (None, None, "embed"))
         self.blocks = nnx.List([VisionBlock(config, dtype=dtype, rngs=rngs) for _ in range(config.depth)])
         self.norm = layer_norm(d, config.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.remat = False  # recompute each block in the backward pass instead of storing its activations
+        # recompute each block in the backward pass, keeping what this `jax.checkpoint` policy saves (None: off);
+        # set on a built model by `contextblip.set_remat`
+        self.remat_policy: Callable[..., bool] | None = None
+        self.scan = False  # run the blocks as one scanned body (`stack.run_blocks`); `contextblip.set_scan`
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """NHWC images [B, H, W, 3] -> patch tokens with their position embeddings [B, grid², D]."""
@@ -81,13 +92,10 @@ class VisionTransformer(nnx.Module):
 
     def transform(self, tokens: jax.Array) -> VisionOutput:
         """Runs the blocks and the final LayerNorm on any token sequence (all patches, or CLS + a subset)."""
-        outputs = []
-        x = tokens
-        apply = nnx.remat(_apply_block) if self.remat else _apply_block
-        for block in self.blocks:
-            x = apply(block, x)
-            outputs.append(x)
-        return VisionOutput(last_hidden_state=self.norm(x), block_outputs=tuple(outputs))
+        x, outputs = run_blocks(
+            self.blocks, _constrain(tokens), _apply_block, remat_policy=self.remat_policy, scan=self.scan
+        )
+        return VisionOutput(last_hidden_state=self.norm(x), block_outputs=outputs)
 
     def __call__(self, images: jax.Array) -> VisionOutput:
         patches = self.patch_tokens(images)
@@ -95,8 +103,15 @@ class VisionTransformer(nnx.Module):
         return self.transform(tokens)
 
 
-def _apply_block(block: VisionBlock, x: jax.Array) -> jax.Array:
-    return block(x)
+def _apply_block(block: VisionBlock, x: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+    """One block's output, which is also what the tower returns for it (the adapter reads blocks 3/6/9/12)."""
+    x = _constrain(block(x))
+    return x, x
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+    """Hidden states [B, tokens, D] between blocks: split over the batch on a mesh (module docstring)."""
+    return parallel.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:

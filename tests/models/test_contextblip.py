@@ -16,7 +16,7 @@ from PIL import Image
 from contextblip_jax import losses, stages
 from contextblip_jax.data.preprocess import BlipTokenizer, normalize_image
 from contextblip_jax.models.config import TMIMConfig
-from contextblip_jax.models.contextblip import ContextBLIP, dotted_path, set_attention, set_remat
+from contextblip_jax.models.contextblip import REMAT_POLICIES, ContextBLIP, dotted_path, set_attention, set_remat
 from contextblip_jax.models.layers import Dense
 from contextblip_jax.trainconfig import base_config
 from tests.tiny import tiny_contextblip
@@ -170,6 +170,21 @@ def test_remat_changes_memory_policy_not_numbers():
         np.testing.assert_allclose(remat_grads[name], value, atol=1e-6, err_msg=name)
     with pytest.raises(ValueError, match="unknown"):
         set_remat(ContextBLIP(CONFIG, rngs=nnx.Rngs(0)), ("decoder",))
+
+
+def test_set_remat_gives_the_named_towers_the_policy():
+    """Only the named towers recompute their blocks, with the policy asked for (`full` unless named)."""
+    model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
+    vision, text = model.blip.vision, model.blip.text
+    assert vision.remat_policy is None and text.remat_policy is None
+    set_remat(model, ("text",), "dots_no_batch")
+    assert vision.remat_policy is None and text.remat_policy is REMAT_POLICIES["dots_no_batch"]
+    set_remat(model, ("vision", "text"))
+    assert vision.remat_policy is text.remat_policy is REMAT_POLICIES["full"]
+    set_remat(model, ())
+    assert vision.remat_policy is None and text.remat_policy is None
+    with pytest.raises(ValueError, match=r"remat policy 'some' unknown; choose from \('full', 'dots_no_batch'"):
+        set_remat(model, ("vision",), "some")
 
 
 def flat_params_of_state(state) -> dict[str, np.ndarray]:

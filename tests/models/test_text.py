@@ -1,13 +1,18 @@
 """The text tower: padding is invisible, cross-attention is optional and returns its maps, dropout runs only
-when asked."""
+when asked, a recomputed layer keeps what its policy names."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from contextblip_jax.models.contextblip import REMAT_POLICIES
 from contextblip_jax.models.text import TextEncoder, set_dropout_rate
 from contextblip_jax.models.variants import VARIANTS
 
@@ -64,7 +69,7 @@ def test_dropout_runs_only_with_rngs_and_follows_the_key():
     assert not np.allclose(first, plain, atol=1e-3)
     assert not np.allclose(first, run(1), atol=1e-3)
     np.testing.assert_array_equal(run(0), first)
-    model.remat = True
+    model.remat_policy = jax.checkpoint_policies.nothing_saveable
     np.testing.assert_allclose(run(0), first, atol=1e-6)
 
 
@@ -81,3 +86,28 @@ def test_zero_dropout_traces_no_random_ops():
     assert "random_bits" not in jaxpr()
     set_dropout_rate(model, 0.1)
     assert "random_bits" in jaxpr()
+
+
+def test_remat_policies_choose_what_each_layer_keeps_not_the_gradients():
+    """The multimodal pass: `full` keeps no product of a layer; `dots_no_batch` its 10 weight products (query,
+    key, value and output projections of self- and cross-attention, both MLP layers: post-LN normalises the
+    second's output); `dots` also the 2 batched products of each attention (scores, probabilities·values)."""
+    model = TextEncoder(TINY, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids, mask, image, image_mask = dropout_inputs()
+
+    def loss(state: nnx.State) -> jax.Array:
+        return nnx.merge(graphdef, state)(ids, mask, image, image_mask).last_hidden_state.sum()
+
+    plain = jax.tree.leaves(jax.grad(loss)(state))
+    kept = {}
+    for name, policy in REMAT_POLICIES.items():
+        model.remat_policy = policy
+        graphdef, state = nnx.split(model)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            jax.ad_checkpoint.print_saved_residuals(loss, state)
+        kept[name] = sum("output of dot_general" in line for line in printed.getvalue().splitlines())
+        for got, expected in zip(jax.tree.leaves(jax.grad(loss)(state)), plain, strict=True):
+            np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
+    assert kept == {"full": 0, "dots_no_batch": 10 * TINY.depth, "dots": 14 * TINY.depth}

@@ -1,7 +1,13 @@
-"""The vision tower's own behaviour: position-embedding resampling, block outputs, input checks."""
+"""The vision tower's own behaviour: position-embedding resampling, block outputs, input checks, what a
+recomputed block keeps."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
+import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +15,7 @@ import torch
 from flax import nnx
 
 from contextblip_jax.models.config import VisionConfig
+from contextblip_jax.models.contextblip import REMAT_POLICIES
 from contextblip_jax.models.variants import VARIANTS
 from contextblip_jax.models.vit import VisionTransformer, resample_posemb
 
@@ -59,3 +66,34 @@ def test_bad_configs_are_rejected():
         VisionConfig(width=30, num_heads=4).validate()
     with pytest.raises(ValueError, match="not a multiple"):
         VisionConfig(image_size=100, patch_size=16).validate()
+
+
+def products_kept_and_gradients(model: VisionTransformer, images: jax.Array) -> tuple[int, list[jax.Array]]:
+    """(how many matrix-product outputs the backward pass keeps, in jax's own account of its residuals; the
+    gradient of the summed output with respect to every parameter)."""
+    graphdef, state = nnx.split(model)
+
+    def loss(state: nnx.State) -> jax.Array:
+        return nnx.merge(graphdef, state)(images).last_hidden_state.sum()
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        jax.ad_checkpoint.print_saved_residuals(loss, state)
+    kept = sum("output of dot_general" in line for line in printed.getvalue().splitlines())
+    return kept, jax.tree.leaves(jax.grad(loss)(state))
+
+
+def test_remat_policies_choose_what_each_block_keeps_not_the_gradients():
+    """`full` keeps no product of a block; `dots_no_batch` the 5 weight products whose outputs the backward pass
+    reads (query, key, value, output projection, first MLP layer; the second's output is only added); `dots` also
+    attention's 2 batched products (scores, probabilities·values)."""
+    model = VisionTransformer(TINY, rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+    _, plain = products_kept_and_gradients(model, images)
+    kept = {}
+    for name, policy in REMAT_POLICIES.items():
+        model.remat_policy = policy
+        kept[name], gradients = products_kept_and_gradients(model, images)
+        for got, expected in zip(gradients, plain, strict=True):
+            np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
+    assert kept == {"full": 0, "dots_no_batch": 5 * TINY.depth, "dots": 7 * TINY.depth}
