@@ -29,11 +29,13 @@ SPEC_PEAK_TFLOPS: dict[tuple[str, str], float] = {
     ("A100", "float32"): 156.0,
     ("TPU v4", "bfloat16"): 275.0,
     ("TPU v5 lite", "bfloat16"): 197.0,
-    ("TPU v5p", "bfloat16"): 459.0,
+    ("TPU v5", "bfloat16"): 459.0,
     ("TPU v6 lite", "bfloat16"): 918.0,
 }
-"""Dense peak TFLOP/s per chip by (device-kind substring, compute dtype), from the vendors' data sheets (SXM parts
-for NVIDIA). float32 on NVIDIA is the TF32 tensor-core rate: XLA's default matmul precision uses TF32 there."""
+"""Dense peak TFLOP/s per chip by (device kind, compute dtype), from the vendors' data sheets (SXM parts for
+NVIDIA). NVIDIA kinds match as substrings of jax's `device_kind`; TPU kinds exactly, since v5p reports itself as
+`TPU v5` and v5e as `TPU v5 lite`. float32 on NVIDIA is the TF32 tensor-core rate: XLA's default matmul
+precision uses TF32 there."""
 
 
 def device_name() -> str:
@@ -49,13 +51,38 @@ def device_name() -> str:
     return f"{jax.device_count()}x {kind} ({device.platform}); host {host}"
 
 
+SPEC_BANDWIDTH_GB_S: dict[str, float] = {
+    "H100": 3350.0,
+    "H200": 4800.0,
+    "A100": 2039.0,
+    "TPU v4": 1228.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5": 2765.0,
+    "TPU v6 lite": 1640.0,
+}
+"""Data-sheet HBM bandwidth per chip in GB/s, by device kind matched as `SPEC_PEAK_TFLOPS` (SXM parts, 80 GB A100)."""
+
+
 def spec_peak_tflops(dtype: str) -> float | None:
     """The data-sheet peak of the first device for `dtype`, or None where the table has no row."""
-    kind = getattr(jax.devices()[0], "device_kind", "")
+    return spec_peak_for(getattr(jax.devices()[0], "device_kind", ""), dtype)
+
+
+def spec_peak_for(kind: str, dtype: str) -> float | None:
+    """The data-sheet peak TFLOP/s of a device of `kind` (jax's `device_kind`) for `dtype`; None if unknown."""
     for (name, row_dtype), peak in SPEC_PEAK_TFLOPS.items():
-        if name in kind and (row_dtype == dtype or name.startswith("TPU")):
+        if _is_kind(kind, name) and (row_dtype == dtype or name.startswith("TPU")):
             return peak
     return None
+
+
+def spec_bandwidth_for(kind: str) -> float | None:
+    """The data-sheet HBM bandwidth in GB/s of a device of `kind`; None if unknown."""
+    return next((value for name, value in SPEC_BANDWIDTH_GB_S.items() if _is_kind(kind, name)), None)
+
+
+def _is_kind(kind: str, name: str) -> bool:
+    return kind == name if name.startswith("TPU") else name in kind
 
 
 def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:

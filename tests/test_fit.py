@@ -1,0 +1,121 @@
+"""The largest-batch search of `contextblip_jax.fit` against memory models whose answer is known, the roofline
+estimate's arithmetic, and one real cell compiled for a TPU slice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contextblip_jax import fit, hardware, targets
+from tests.runs import config_file
+
+
+def fake_probe(fixed: int, per_example: int, limit: int, bend: float = 0.0):
+    """A `_probe` whose step needs `fixed + per_example·b (1 + bend·b/1000)` bytes of `limit` per device."""
+    calls = []
+
+    def probe(config, batch, workdir, target):
+        used = int(fixed + per_example * batch * (1 + bend * batch / 1000))
+        calls.append(batch)
+        report = {"memory_per_device_bytes": limit, "train": {}, "fits": used <= limit}
+        return {"batch": batch, "fits": used <= limit, "bytes": used, "report": report}
+
+    return probe, calls
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fixed=st.integers(1 << 20, 8 << 30),
+    per_example=st.integers(1 << 16, 1 << 28),
+    unit=st.sampled_from([1, 4, 8, 32]),
+    start=st.integers(1, 2048),
+    bend=st.one_of(st.just(0.0), st.floats(0.0, 0.2)),
+)
+def test_the_search_finds_the_largest_fitting_batch(fixed, per_example, unit, start, bend):
+    """Memory linear in the batch (or convex, as attention's is): the search ends one unit apart with the true
+    answer, in few compiles beyond the 4-fold steps up from a start far below it."""
+    limit = 16 << 30
+    probe, calls = fake_probe(fixed, per_example, limit, bend)
+    config = config_file("synthetic", "stage=finetune,variant=tiny")
+    config.grad_accum_steps = unit
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit, "_probe", probe)
+        found = fit.largest_batch(config, "unused", targets.parse("cpu"), start, max_compiles=40)
+
+    def fits(b: int) -> bool:
+        return fixed + per_example * b * (1 + bend * b / 1000) <= limit
+
+    expected = 0
+    while fits(expected + unit):
+        expected += unit
+        if expected > 1 << 22:
+            break
+    if expected > 1 << 22:
+        return
+    assert found["largest_batch"] == expected, (found["probes"], expected)
+    assert found["exact"] and found["smallest_failing_batch"] == expected + unit
+    assert all(b % unit == 0 for b in calls) and len(set(calls)) == len(calls)
+    climb = math.ceil(math.log(max(expected / start, 1), 4))  # upward steps grow the batch at most 4-fold
+    # the start, the climb, then the bracket: along the line a straight profile needs two more probes; a curved
+    # one falls back to halving the bracket at least every other probe
+    bracket = 4 if bend == 0 else 2 * math.ceil(math.log2(4 * expected / unit + 1))
+    assert len(calls) <= 1 + climb + bracket, found["probes"]
+
+
+def test_a_search_out_of_compiles_says_it_is_not_exact(monkeypatch):
+    probe, calls = fake_probe(1 << 30, 1 << 20, 16 << 30)
+    monkeypatch.setattr(fit, "_probe", probe)
+    config = config_file("synthetic", "stage=finetune,variant=tiny")
+    found = fit.largest_batch(config, "unused", targets.parse("cpu"), 1, max_compiles=2)
+    assert len(calls) == 2 and not found["exact"]
+    assert found["largest_batch"] == max(calls)
+
+
+def test_the_step_time_estimate_is_the_slower_of_compute_and_memory():
+    report = {
+        "device_count": 8,
+        "device_kind": "TPU v5 lite",
+        "dtype": "bfloat16",
+        "train": {"flops_per_step": 8 * 197e12 * 0.5, "bytes_accessed_per_device_compiled": 819e9 * 0.25},
+    }
+    estimate = fit.step_time_estimate(report)
+    assert estimate["compute_bound_s"] == pytest.approx(0.5)
+    assert estimate["memory_bound_s"] == pytest.approx(0.25)
+    assert estimate["estimate_s"] == pytest.approx(0.5)
+    report["device_kind"] = "TPU v5"  # v5p: another chip with the same prefix
+    assert fit.step_time_estimate(report)["peak_tflops_per_chip"] == 459.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "peak", "bandwidth"),
+    [
+        ("TPU v5 lite", "bfloat16", 197.0, 819.0),
+        ("TPU v5", "bfloat16", 459.0, 2765.0),
+        ("TPU v6 lite", "bfloat16", 918.0, 1640.0),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4, 3350.0),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0, 2039.0),
+        ("cpu", "float32", None, None),
+    ],
+)
+def test_data_sheet_figures_by_device_kind(kind, dtype, peak, bandwidth):
+    assert hardware.spec_peak_for(kind, dtype) == peak
+    assert hardware.spec_bandwidth_for(kind) == bandwidth
+
+
+@pytest.mark.long
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_a_tiny_cell_compiles_for_v5e_8_and_writes_its_row(tmp_path):
+    config = config_file("synthetic", "stage=finetune,variant=tiny")
+    row = fit.cell(config, "finetune", "tiny", "v5e-8", str(tmp_path), max_compiles=2)
+    assert row["batch"] == 40 and row["fits"] and row["batch_unit"] == 8
+    assert row["largest_batch"] == 80 and not row["exact"]  # doubled once, then out of compiles
+    assert 0 < row["peak_bytes_per_device"] < row["memory_per_device_bytes"]
+    assert row["flops_per_image"] > 0 and row["compile_s"] > 0
+    assert row["step_time"]["compute_bound_s"] > 0
+    json.dumps(row)
+    assert "| tiny | finetune | v5e-8 | 40 |" in fit.markdown([row])
