@@ -272,8 +272,9 @@ def compile_only(
     except ValueError as error:
         raise ValueError(f"{target.label}: {error} (data.batch_size / grad_accum_steps and eval.batch_size)") from None
     built = programs.build(config, stage, abstract_model(config), mesh, config.optimizer.steps_per_epoch or 1)
+    scanned = bool(config.get("scan_layers", False))
     counted = None  # what FLOPs are counted on: the same steps unrolled, when the towers are scanned
-    if config.get("scan_layers", False):
+    if scanned:
         unrolled = config.copy_and_resolve_references()
         unrolled.scan_layers = False
         counted = programs.build(unrolled, stage, abstract_model(unrolled), mesh, config.optimizer.steps_per_epoch or 1)
@@ -290,7 +291,7 @@ def compile_only(
         "dtype": config.dtype,
         "remat": list(config.remat),
         "remat_policy": config.get("remat_policy", "full"),
-        "scan_layers": bool(config.get("scan_layers", False)),
+        "scan_layers": scanned,
         "grad_accum_steps": config.grad_accum_steps,
         "batch_size": config.data.batch_size,
     }

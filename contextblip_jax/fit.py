@@ -19,7 +19,6 @@ the memory-bound time over the chips' data-sheet bandwidth.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import aot, hardware, parallel, stages, targets
+from contextblip_jax import aot, hardware, parallel, stages, targets, trainconfig
 
 PAPER_BATCH = {"pretrain": 1024, "finetune": 36, "context": 36}
 """The authors' global batch per stage (`shared/reference/contextblip.md`): 256 × 4 GPUs for stage 1, 36 after."""
@@ -39,13 +38,9 @@ PAPER_BATCH = {"pretrain": 1024, "finetune": 36, "context": 36}
 
 def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
     """The run config of `stage` at `variant`, as `configs/pretrain.py` / `configs/imagecode.py` give it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    name = "pretrain" if stages.get(stage).data == "captions" else "imagecode"
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(root, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    arg = f"variant={variant}" if name == "pretrain" else f"stage={stage},variant={variant}"
-    return module.get_config(arg)
+    if stages.get(stage).data == "captions":
+        return trainconfig.config_file("pretrain", f"variant={variant}")
+    return trainconfig.config_file("imagecode", f"stage={stage},variant={variant}")
 
 
 def _probe(config: ml_collections.ConfigDict, batch: int, workdir: str, target: targets.Target) -> dict[str, Any]:

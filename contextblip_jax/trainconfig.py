@@ -11,6 +11,7 @@ Imports: the model config, the data config, the ImageCoDe layout and the stage t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -195,6 +196,16 @@ def check_imagecode_folder(config: ml_collections.ConfigDict, stage: stages.Stag
             "--root=FOLDER`, then pass --config.data.root=FOLDER (or try configs/synthetic.py, which "
             "generates its own data)"
         )
+
+
+def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
+    """`configs/<name>.py:<arg>` of this checkout, loaded as the `--config` flag loads it: for programs and tests
+    that build a run's config without the flag."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_args(arg: str, **defaults: str) -> dict[str, str]:

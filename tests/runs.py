@@ -6,7 +6,6 @@ several processes, 8 simulated devices, the command lines), the equivalent comma
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import sys
 from typing import Any
 
 import ml_collections
+
+from contextblip_jax.trainconfig import config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = 12
@@ -50,14 +51,6 @@ def user_env() -> dict[str, str]:
     must compile and run as a user's would."""
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f != SUITE_XLA_FLAG)
     return {**os.environ, "XLA_FLAGS": flags}
-
-
-def config_file(name: str, arg: str = "") -> ml_collections.ConfigDict:
-    """`configs/<name>.py:<arg>`, loaded as the `--config` flag loads it."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def run_config(data_root: str, stage: str = "finetune", **overrides: Any) -> ml_collections.ConfigDict:
