@@ -36,7 +36,8 @@ NEGATIVES = ("global", "per_device")
 @dataclasses.dataclass
 class Programs:
     """A run's jitted steps and what they need. `trainable`/`frozen` hold the model's values: arrays, or
-    `jax.ShapeDtypeStruct`s when the model was built abstractly. `predict` is None for a stage without scores."""
+    `jax.ShapeDtypeStruct`s when the model was built abstractly. `train_step` is None for a stage that does not
+    train (zero-shot scoring, which the benchmark times), `predict` for a stage without scores."""
 
     spec: ModelSpec
     trainable: Params
@@ -87,15 +88,17 @@ def build(
         opt_state=parallel.optimizer_shardings(jax.eval_shape(tx.init, trainable), trainable_sharding, mesh),
     )
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = make_train_step(
-        spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps, batch_shards=shards
-    )
-    train_step = jax.jit(
-        _traced_on(mesh, rules, step_fn),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
-    )
+    train_step = None
+    if stage.trains:
+        step_fn = make_train_step(
+            spec, stage, config.loss, tx, seed=config.seed, accum_steps=config.grad_accum_steps, batch_shards=shards
+        )
+        train_step = jax.jit(
+            _traced_on(mesh, rules, step_fn),
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        )
     predict = None
     if stage.evaluates:
         predict = jax.jit(

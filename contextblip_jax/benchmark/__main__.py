@@ -4,6 +4,7 @@
         --compare=torch,torch_compile
     python -m contextblip_jax.benchmark --measure=eval --stage=zeroshot --preset=base --compare=torch
     python -m contextblip_jax.benchmark --measure=adapter --preset=base
+    python -m contextblip_jax.benchmark --measure=train --preset=small --sweep=descriptions --compare=torch --out=S
 
 Measurements:
 - `train`: one optimizer step of `--stage` (forward, backward and the update of the stage's trainable parameters),
@@ -17,6 +18,10 @@ Before anything is timed, the first loss (train) or scores (eval) of each side m
 (relative for the loss, absolute for the scores) in float32, else the benchmark stops; in bfloat16 the
 difference is reported. The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
 machine's load hits all alike.
+
+`--input_pipeline` adds a row for the grain pipeline at the step's batch shape (`inputs.py`). `--sweep=descriptions`
+(1, 2, 4, ... up to `--sweep_max`) and `--sweep=devices` (simulated host devices, the same descriptions per device)
+run each point in its own process and write `sweep_<kind>.jsonl` and `sweep_<kind>.png` to `--out` (`sweep.py`).
 
 Each row holds the median, min and max wall time of `--runs` calls after `--warmup` ones, the compile time apart
 (JAX: XLA's compilation; torch_compile: its first call; eager: 0), XLA's FLOP count of the step (the same count
@@ -37,6 +42,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from contextblip_jax import hardware, hostmem, stages
+from contextblip_jax.benchmark import plots, sweep
+from contextblip_jax.benchmark.inputs import input_row
 from contextblip_jax.benchmark.jax_steps import (
     PRESETS,
     Prepared,
@@ -67,6 +74,16 @@ _ATTENTION = flags.DEFINE_enum(
 _COMPARE = flags.DEFINE_list("compare", [], f"PyTorch variants timed beside JAX, from {FRAMEWORKS}.")
 _RUNS = flags.DEFINE_integer("runs", 5, "Timed calls; median, min and max are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+_INPUT_PIPELINE = flags.DEFINE_bool(
+    "input_pipeline", False, "Add a row: the grain pipeline's images/s at the step's batch shape (inputs.py)."
+)
+_INPUT_WORKERS = flags.DEFINE_integer("input_workers", 0, "Grain worker processes of the input row.")
+_SWEEP = flags.DEFINE_enum(
+    "sweep", None, list(sweep.KINDS), "Run the measurement at 1, 2, 4, ... descriptions or devices (sweep.py)."
+)
+_SWEEP_MAX = flags.DEFINE_integer("sweep_max", 64, "Largest descriptions (or devices) a sweep tries.")
+_SWEEP_POINT_S = flags.DEFINE_float("sweep_point_s", 1800.0, "Time limit of one sweep point; past it the sweep stops.")
+_OUT = flags.DEFINE_string("out", "", "Sweeps: folder for sweep_<kind>.jsonl and sweep_<kind>.png (default: .).")
 
 
 def agreement(name: str, jax_side: Prepared, other: Prepared, train: bool, dtype: str) -> float:
@@ -150,9 +167,42 @@ def adapter_rows(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def point_flags() -> list[str]:
+    """This run's measurement flags, for the processes of a sweep (which sets `--descriptions` itself)."""
+    values = {
+        "measure": _MEASURE.value, "stage": _STAGE.value, "preset": _PRESET.value, "candidates": _CANDIDATES.value,
+        "text_length": _TEXT_LENGTH.value, "dtype": _DTYPE.value, "remat": ",".join(_REMAT.value),
+        "attention": _ATTENTION.value, "runs": _RUNS.value, "warmup": _WARMUP.value,
+        "input_pipeline": _INPUT_PIPELINE.value, "input_workers": _INPUT_WORKERS.value,
+    }  # fmt: skip
+    if _SWEEP.value == "descriptions":
+        values["compare"] = ",".join(_COMPARE.value)
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+def run_sweep() -> None:
+    """The points of `--sweep`, printed as they come, then written to `--out` as JSON lines and a PNG plot."""
+    kind = _SWEEP.value
+    if kind == "devices" and _COMPARE.value:
+        logging.warning("--sweep=devices measures JAX alone: --compare=%s is ignored", ",".join(_COMPARE.value))
+    values = sweep.doubling(_SWEEP_MAX.value)
+    rows = sweep.sweep(kind, point_flags(), values, _DESCRIPTIONS.value, _SWEEP_POINT_S.value)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    folder = _OUT.value or "."
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"sweep_{kind}.jsonl"), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    plots.plot_sweep(rows, kind, os.path.join(folder, f"sweep_{kind}.png"))
+    logging.info("sweep written to %s (sweep_%s.jsonl, sweep_%s.png)", folder, kind, kind)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _SWEEP.value:
+        run_sweep()
+        return
     hostmem.keep_freed_memory()  # as the trainer does; the setting holds for every framework in the process
     setup = Setup(
         preset=_PRESET.value,
@@ -175,7 +225,13 @@ def main(argv: list[str]) -> None:
         "device": hardware.device_name(),
         "threads": os.cpu_count(),
     }
+    if _INPUT_PIPELINE.value and setup.stage_row.data != "imagecode":
+        raise app.UsageError("--input_pipeline measures the ImageCoDe pipeline: choose an ImageCoDe stage")
     rows = adapter_rows(setup) if _MEASURE.value == "adapter" else step_rows(setup)
+    if _INPUT_PIPELINE.value:
+        batches = max(3, 40 // setup.descriptions)
+        image_size = setup.config.blip.vision.image_size
+        rows.append(input_row(setup.descriptions, image_size, _INPUT_WORKERS.value, batches))
     for row in rows:
         print(json.dumps({**row, **common}), flush=True)
 

@@ -1,7 +1,7 @@
-"""The JAX side of the benchmark: the trainer's own steps (`step.make_train_step`, `step.make_predict_step`)
-jitted, compiled and called on a random batch, with XLA's figures for the compiled program.
+"""The JAX side of the benchmark: the trainer's own jitted steps (`programs.build` over `step.make_train_step` and
+`step.make_predict_step`), compiled and called on a random batch, with XLA's figures for the compiled program.
 
-Imports: the model and its variant table, the stage table, the steps, the optimizer and the base config.
+Imports: the model and its variant table, the stage table, the steps and their programs, the base config.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from contextblip_jax import hardware, optim, stages
+from contextblip_jax import hardware, parallel, programs, stages
 from contextblip_jax.models.config import ContextBLIPConfig
-from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_remat
+from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.step import TrainState, make_predict_step, make_train_step, split_model
+from contextblip_jax.step import TrainState, make_predict_step, make_train_step
 from contextblip_jax.trainconfig import base_config
 
 PRESETS: dict[str, ContextBLIPConfig] = {
@@ -131,27 +132,37 @@ def step_figures(fn: Callable[..., Any], args: tuple[Any, ...], compiled: Any) -
     return {"flops_per_step": hardware.program_flops(fn, *args), "estimated_memory_bytes": estimate}
 
 
+def run_config(setup: Setup) -> ml_collections.ConfigDict:
+    """The trainer's base config with the setup's remat and attention; the mesh puts every device on `data`."""
+    config = base_config()
+    config.remat = list(setup.remat)
+    config.attention = setup.attention
+    return config
+
+
 def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = False) -> tuple[Prepared, dict]:
-    """The stage's jitted step on a fresh random model, compiled and called once; and, with `keep_params`, the
-    model's initial parameters as numpy arrays (dotted names) for another framework to start from."""
+    """The stage's step as the trainer builds it (`programs.build`: its jit, shardings and donation) on a mesh
+    over all of this host's devices (data parallel; several only in the devices sweep), compiled and called
+    once; and, with `keep_params`, the model's initial parameters as numpy arrays (dotted names) for another
+    framework to start from."""
     stage = setup.stage_row
     began = time.perf_counter()
     model = ContextBLIP(setup.config, dtype=jnp.dtype(setup.dtype), rngs=nnx.Rngs(0))
     logging.info("jax: %s model built in %.1f s", setup.preset, time.perf_counter() - began)
-    set_remat(model, setup.remat)
-    set_attention(model, setup.attention)
-    spec, trainable, frozen = split_model(model, stage.trainable_filter())
+    config = run_config(setup)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch(setup.descriptions, mesh)
+    built = programs.build(config, stage, model, mesh, steps_per_epoch=1000)
+    trainable, frozen = built.trainable, built.frozen
     params = {name: np.array(value) for name, value in {**trainable, **frozen}.items()} if keep_params else {}
-    device_batch = {name: jnp.asarray(value) for name, value in batch.items()}
-    run_config = base_config()
+    device_batch = jax.device_put({name: jnp.asarray(value) for name, value in batch.items()}, built.batch_sharding)
     if setup.train:
-        tx = optim.build_optimizer(run_config.optimizer, trainable, steps_per_epoch=1000)
-        state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable))
-        fn, args = make_train_step(spec, stage, run_config.loss, tx, seed=0), (state, device_batch)
-        traced = jax.jit(fn, donate_argnums=(0,)).trace(*args)
-        figures_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)  # state is donated
+        state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, built.tx.init(trainable))
+        state = jax.device_put(state, built.state_sharding)
+        fn = make_train_step(built.spec, stage, config.loss, built.tx, seed=config.seed)  # what build jits
+        figures_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, device_batch))
         start = time.perf_counter()
-        compiled = traced.lower().compile()
+        compiled = built.train_step.trace(state, device_batch).lower().compile()
         compile_s = time.perf_counter() - start
         holder = [state]
 
@@ -160,16 +171,17 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
             return metrics["loss"]
 
     else:
-        fn, figures_args = make_predict_step(spec, stage), (trainable, frozen, device_batch)
-        traced = jax.jit(fn).trace(*figures_args)
+        placement = built.state_sharding
+        trainable, frozen = jax.device_put((trainable, frozen), (placement.trainable, placement.frozen))
+        fn, figures_args = make_predict_step(built.spec, stage), (trainable, frozen, device_batch)
         start = time.perf_counter()
-        compiled = traced.lower().compile()
+        compiled = built.predict.trace(*figures_args).lower().compile()
         compile_s = time.perf_counter() - start
 
         def call() -> Any:
             return compiled(trainable, frozen, device_batch)
 
-    logging.info("jax: step compiled in %.1f s", compile_s)
+    logging.info("jax: step compiled in %.1f s on %d device(s)", compile_s, mesh.size)
     start = time.perf_counter()
     first = np.asarray(call())
     logging.info("jax: first call %.1f s", time.perf_counter() - start)

@@ -64,3 +64,12 @@ def test_a_stage_that_does_not_train_is_refused():
     command.append("--stage=zeroshot")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode != 0 and "does not train" in result.stderr
+
+
+@pytest.mark.long
+def test_the_input_pipeline_row_measures_the_steps_batch_shape():
+    step_row, input_row = benchmark("--measure=eval", "--stage=zeroshot", "--descriptions=3", "--input_pipeline")
+    assert (input_row["framework"], input_row["measure"], input_row["workers"]) == ("input_pipeline", "input", 0)
+    assert input_row["descriptions"] == step_row["descriptions"] == 3
+    assert input_row["images_per_s"] == pytest.approx(10 * input_row["descriptions_per_s"], rel=1e-2)
+    assert input_row["images_per_s"] > 0 and input_row["batch_ms"] > 0
