@@ -19,9 +19,11 @@ Before anything is timed, the first loss (train) or scores (eval) of each side m
 difference is reported. The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
 machine's load hits all alike.
 
-`--input_pipeline` adds a row for the grain pipeline at the step's batch shape (`inputs.py`). `--sweep=descriptions`
-(1, 2, 4, ... up to `--sweep_max`) and `--sweep=devices` (simulated host devices, the same descriptions per device)
-run each point in its own process and write `sweep_<kind>.jsonl` and `sweep_<kind>.png` to `--out` (`sweep.py`).
+`--profile=DIR` traces one more JAX call into DIR and adds a row of time per kind of XLA operation
+(`profile.py`). `--input_pipeline` adds a row for the grain pipeline at the step's batch shape (`inputs.py`).
+`--sweep=descriptions` (1, 2, 4, ... up to `--sweep_max`) and `--sweep=devices` (simulated host devices, the same
+descriptions per device) run each point in its own process and write `sweep_<kind>.jsonl` and `sweep_<kind>.png`
+to `--out` (`sweep.py`).
 
 Each row holds the median, min and max wall time of `--runs` calls after `--warmup` ones, the compile time apart
 (JAX: XLA's compilation; torch_compile: its first call; eager: 0), XLA's FLOP count of the step (the same count
@@ -42,7 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from contextblip_jax import hardware, hostmem, stages
-from contextblip_jax.benchmark import plots, sweep
+from contextblip_jax.benchmark import plots, profile, sweep
 from contextblip_jax.benchmark.inputs import input_row
 from contextblip_jax.benchmark.jax_steps import (
     PRESETS,
@@ -83,6 +85,9 @@ _SWEEP = flags.DEFINE_enum(
 )
 _SWEEP_MAX = flags.DEFINE_integer("sweep_max", 64, "Largest descriptions (or devices) a sweep tries.")
 _SWEEP_POINT_S = flags.DEFINE_float("sweep_point_s", 1800.0, "Time limit of one sweep point; past it the sweep stops.")
+_PROFILE = flags.DEFINE_string(
+    "profile", "", "Folder: trace one more JAX call there and add a row of time per XLA operation (profile.py)."
+)
 _OUT = flags.DEFINE_string("out", "", "Sweeps: folder for sweep_<kind>.jsonl and sweep_<kind>.png (default: .).")
 
 
@@ -113,10 +118,11 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
     jax_side, params = prepare(setup, batch, keep_params=bool(_COMPARE.value))
     sides: dict[str, Prepared] = {"jax": jax_side}
     differences: dict[str, float] = {}
+    shared = None  # the eager and the compiled side run one torch model (torch_steps.TorchModel)
     for name in _COMPARE.value:
         from contextblip_jax.benchmark import torch_steps  # torch is a development dependency
 
-        sides[name] = torch_steps.prepare(setup, batch, params, compile_model=name == "torch_compile")
+        sides[name], shared = torch_steps.prepare(setup, batch, params, name == "torch_compile", shared)
         differences[name] = agreement(name, jax_side, sides[name], setup.train, setup.dtype)
     del params
     logging.info("timing %s in turns: %d warm-up and %d timed calls each", list(sides), _WARMUP.value, _RUNS.value)
@@ -152,6 +158,8 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
         )
     if "torch" in sides:
         rows[0]["ratio_vs_torch"] = round(rows[0]["images_per_s"] / rows[1]["images_per_s"], 3)
+    if _PROFILE.value:
+        rows.append(profile.profile_row(jax_side.call, _PROFILE.value))
     return rows
 
 
@@ -203,6 +211,8 @@ def main(argv: list[str]) -> None:
     if _SWEEP.value:
         run_sweep()
         return
+    if _PROFILE.value:
+        profile.enable_op_events()  # before the backend starts
     hostmem.keep_freed_memory()  # as the trainer does; the setting holds for every framework in the process
     setup = Setup(
         preset=_PRESET.value,

@@ -1,7 +1,8 @@
 """The PyTorch side of the benchmark: the same stage-2a train step and zero-shot scoring, written the way a user of
 the authors' code runs them: transformers' BLIP towers (`BlipForImageTextRetrieval`) with the multi-level adapter
 and the scoring head as small torch modules (as the authors' `models/multiscale_adapter.py` and
-`finetune_notf.py`), `torch.optim.Adam` with the same two parameter groups, eager or under `torch.compile`.
+`finetune_notf.py`), `torch.optim.Adam` with the same two parameter groups, eager or under `torch.compile` (one
+model and optimizer shared by both).
 
 It holds the JAX model's own weights: each BLIP tensor is filled through the converter's rules run backwards
 (a rule moves entries, so applying it to an array of source indices says where every entry came from).
@@ -12,6 +13,7 @@ the converter's rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -136,23 +138,22 @@ TRAINABLE_PREFIXES = ("blip.vision_model.", "blip.text_encoder.", "adapter.", "h
 """Stage 2a's trainable parts under torch names (the JAX stage table's `blip.(vision|text)`, adapter, head)."""
 
 
-def make_torch_step(
-    model: TorchContextBLIP, batch: Mapping[str, torch.Tensor], optimizer_config: Any, train: bool,
-    dtype: torch.dtype, compile_model: bool,
-) -> Callable[[], torch.Tensor]:  # fmt: skip
-    """A call running one train step (returning the loss before the update) or one scoring pass."""
-    device = batch["images"].device.type
-    forward = torch.compile(model) if compile_model else model
-    autocast = dtype != torch.float32
-    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
-    if not train:
+@dataclasses.dataclass
+class TorchModel:
+    """The torch model and its optimizer, shared by the eager and the compiled side of one run: two copies of
+    ViT-B's weights, gradients and Adam moments (4.5 GB each) with JAX's own and the activations passed the
+    project machine's 24 GB. `optimizer` is None for scoring."""
 
-        @torch.no_grad()
-        def score() -> torch.Tensor:
-            with torch.autocast(device, dtype=dtype, enabled=autocast):
-                return forward(*args, zero_shot=True)
+    model: TorchContextBLIP
+    optimizer: torch.optim.Optimizer | None
 
-        return score
+
+def build_model(setup: Any, params: Mapping[str, np.ndarray], optimizer_config: Any, device: str) -> TorchModel:
+    """The torch model holding `params`, with stage 2a's trainable parameters and their Adam (train only)."""
+    model = TorchContextBLIP(setup.config).to(device).eval()
+    model.load_jax(setup.config, params)  # copies into the parameters already on `device`
+    if not setup.train:
+        return TorchModel(model, None)
     named = [(n, p) for n, p in model.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith(TRAINABLE_PREFIXES))
@@ -163,6 +164,27 @@ def make_torch_step(
         [{"params": rest, "lr": c.lr}, {"params": head, "lr": c.head_lr}],
         betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay,
     )  # fmt: skip
+    return TorchModel(model, optimizer)
+
+
+def make_torch_step(
+    held: TorchModel, batch: Mapping[str, torch.Tensor], dtype: torch.dtype, compile_model: bool
+) -> Callable[[], torch.Tensor]:
+    """A call running one train step (returning the loss before the update; with an optimizer) or one scoring
+    pass (without)."""
+    device = batch["images"].device.type
+    forward = torch.compile(held.model) if compile_model else held.model
+    autocast = dtype != torch.float32
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    optimizer = held.optimizer
+    if optimizer is None:
+
+        @torch.no_grad()
+        def score() -> torch.Tensor:
+            with torch.autocast(device, dtype=dtype, enabled=autocast):
+                return forward(*args, zero_shot=True)
+
+        return score
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -176,9 +198,19 @@ def make_torch_step(
     return step
 
 
-def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], compile_model: bool):
-    """The torch step of `setup` (a `jax_steps.Setup`) holding `params`, called once; a `jax_steps.Prepared`.
-    Only stage 2a (`finetune`) trains and only zero-shot scoring evaluates on this side."""
+def prepare(
+    setup: Any,
+    batch: Mapping[str, np.ndarray],
+    params: Mapping[str, np.ndarray],
+    compile_model: bool,
+    shared: TorchModel | None = None,
+) -> tuple[Any, TorchModel]:
+    """The torch step of `setup` (a `jax_steps.Setup`) holding `params`, called once: (a `jax_steps.Prepared`,
+    the model it runs). Only stage 2a (`finetune`) trains and only zero-shot scoring evaluates on this side.
+
+    With `shared` (the model another torch side of the run returned), the step runs that model and optimizer:
+    its weights go back to `params` and the optimizer forgets its moments first, so that this side's first
+    output, which the benchmark compares with JAX's, starts from the same weights as every other side's."""
     from contextblip_jax.benchmark.jax_steps import Prepared
     from contextblip_jax.trainconfig import base_config
 
@@ -188,14 +220,19 @@ def prepare(setup: Any, batch: Mapping[str, np.ndarray], params: Mapping[str, np
         raise ValueError(f"the PyTorch side measures {ported}; got --measure={measure} --stage={setup.stage}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     began = time.perf_counter()
-    model = TorchContextBLIP(setup.config).to(device).eval()
-    model.load_jax(setup.config, params)  # copies into the parameters already on `device`
-    logging.info("torch: model built with the JAX weights on %s in %.1f s", device, time.perf_counter() - began)
+    if shared is None:
+        held = build_model(setup, params, base_config().optimizer, device)
+        logging.info("torch: model built with the JAX weights on %s in %.1f s", device, time.perf_counter() - began)
+    else:
+        held = shared
+        held.model.load_jax(setup.config, params)
+        if held.optimizer is not None:
+            held.optimizer.state.clear()
     tensors = {name: torch.from_numpy(np.asarray(value)).to(device) for name, value in batch.items()}
     dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
-    call = make_torch_step(model, tensors, base_config().optimizer, setup.train, dtype, compile_model)
+    call = make_torch_step(held, tensors, dtype, compile_model)
     start = time.perf_counter()
     first = call().float().cpu().numpy()
     first_call_s = time.perf_counter() - start
     logging.info("torch%s: first call %.1f s", " (compiled)" if compile_model else "", first_call_s)
-    return Prepared(call, first_call_s if compile_model else 0.0, first, {})
+    return Prepared(call, first_call_s if compile_model else 0.0, first, {}), held

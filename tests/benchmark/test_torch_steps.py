@@ -24,7 +24,7 @@ def sides(request):
 
 def test_torch_agrees_with_jax_and_trains(sides):
     setup, batch, jax_side, params = sides
-    torch_side = torch_steps.prepare(setup, batch, params, compile_model=False)
+    torch_side, _ = torch_steps.prepare(setup, batch, params, compile_model=False)
     assert cli.agreement("torch", jax_side, torch_side, setup.train, "float32") <= 1e-4
     if setup.train:  # the torch step updates its weights: the next loss differs, as JAX's does
         assert float(torch_side.call()) != pytest.approx(float(torch_side.first), abs=1e-6)
@@ -37,7 +37,7 @@ def test_torch_agrees_with_jax_and_trains(sides):
 def test_a_torch_side_without_its_adapter_is_caught(sides, monkeypatch):
     setup, batch, jax_side, params = sides
     monkeypatch.setattr(torch_steps.Adapter, "forward", lambda self, final, hidden_states, norm: final)
-    torch_side = torch_steps.prepare(setup, batch, params, compile_model=False)
+    torch_side, _ = torch_steps.prepare(setup, batch, params, compile_model=False)
     with pytest.raises(SystemExit, match="computes something else"):
         cli.agreement("torch", jax_side, torch_side, setup.train, "float32")
 
@@ -62,3 +62,13 @@ def test_a_step_the_port_lacks_is_refused_before_anything_is_built(train, stage)
     ported = r"measures --measure=train --stage=finetune and --measure=eval --stage=zeroshot"
     with pytest.raises(ValueError, match=ported):
         torch_steps.prepare(setup, {}, {}, compile_model=False)
+
+
+def test_a_side_sharing_the_torch_model_starts_again_from_the_jax_weights(sides):
+    """The eager side's first step updates the shared model; the next side's first output must not see it."""
+    setup, batch, _, params = sides
+    eager, shared = torch_steps.prepare(setup, batch, params, compile_model=False)
+    eager.call()  # a second update of the shared weights
+    again, held = torch_steps.prepare(setup, batch, params, compile_model=False, shared=shared)
+    assert held is shared
+    np.testing.assert_allclose(again.first, eager.first, rtol=1e-6, atol=1e-6)
