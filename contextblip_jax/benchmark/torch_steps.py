@@ -131,6 +131,18 @@ class TorchContextBLIP(nn.Module):
                 self.log_scale.copy_(torch.tensor(float(params["head.log_scale"])))
 
 
+def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
+    """PyTorch's best rate of a `size`^3 matrix product on the CPU, the counterpart of `hardware.py`'s for JAX."""
+    a = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    a @ a
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e12
+
+
 PORTED = (("train", "finetune"), ("eval", "zeroshot"))
 """The (measure, stage) pairs this PyTorch port implements: stage 2a's train step and zero-shot scoring."""
 

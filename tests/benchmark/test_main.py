@@ -56,6 +56,7 @@ def test_compare_gives_a_torch_row_with_the_same_work():
     check_row(torch_row, "eval", "zeroshot", images=30, framework="torch")
     assert torch_row["difference_vs_jax"] <= 1e-4
     assert torch_row["flops_per_step"] == jax_row["flops_per_step"]
+    assert jax_row["peak_source"] == torch_row["peak_source"] and "PyTorch's" in jax_row["peak_source"]
     assert jax_row["ratio_vs_torch"] == pytest.approx(jax_row["images_per_s"] / torch_row["images_per_s"], rel=1e-2)
 
 
