@@ -6,6 +6,7 @@ Imports matplotlib only when a plot is drawn, with the Agg backend: no display i
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -20,9 +21,10 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
 
 
 def _title(rows: list[dict[str, Any]]) -> str:
+    """What was measured and on which host (the device count, which a devices sweep varies, left out)."""
     first = next((row for row in rows if "images_per_s" in row), {})
     keys = ("measure", "stage", "preset", "dtype", "device")
-    return ", ".join(str(first[key]) for key in keys if key in first)
+    return re.sub(r"\b\d+x cpu \(cpu\); ", "", ", ".join(str(first[key]) for key in keys if key in first))
 
 
 def plot_sweep(rows: list[dict[str, Any]], kind: str, path: str) -> None:
