@@ -129,7 +129,7 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
     logging.info("timing %s in turns: %d warm-up and %d timed calls each", list(sides), _WARMUP.value, _RUNS.value)
     times = interleaved_times([side.call for side in sides.values()], _RUNS.value, _WARMUP.value)
     peak, peak_source = hardware.peak_tflops(setup.dtype)
-    if shared is not None and peak_source.startswith("measured"):  # a CPU: the better framework's matmul counts
+    if len(sides) > 1 and peak_source.startswith("measured"):  # a CPU with PyTorch: the better matmul counts
         torch_peak = torch_steps.measured_matmul_tflops(setup.dtype)
         logging.info("2048^3 matmul: JAX %.4f, PyTorch %.4f TFLOP/s", peak, torch_peak)
         if torch_peak > peak:
@@ -184,16 +184,11 @@ def adapter_rows(setup: Setup) -> list[dict[str, Any]]:
 
 
 def point_flags() -> list[str]:
-    """This run's measurement flags, for the processes of a sweep (which sets `--descriptions` itself)."""
-    values = {
-        "measure": _MEASURE.value, "stage": _STAGE.value, "preset": _PRESET.value, "candidates": _CANDIDATES.value,
-        "text_length": _TEXT_LENGTH.value, "dtype": _DTYPE.value, "remat": ",".join(_REMAT.value),
-        "attention": _ATTENTION.value, "runs": _RUNS.value, "warmup": _WARMUP.value,
-        "input_pipeline": _INPUT_PIPELINE.value, "input_workers": _INPUT_WORKERS.value,
-    }  # fmt: skip
-    if _SWEEP.value == "descriptions":
-        values["compare"] = ",".join(_COMPARE.value)
-    return [f"--{name}={value}" for name, value in values.items()]
+    """This run's measurement flags, for the processes of a sweep (which sets `--descriptions` itself); a devices
+    sweep measures JAX alone."""
+    holders = [_MEASURE, _STAGE, _PRESET, _CANDIDATES, _TEXT_LENGTH, _DTYPE, _REMAT, _ATTENTION, _RUNS, _WARMUP]
+    holders += [_INPUT_PIPELINE, _INPUT_WORKERS] + ([_COMPARE] if _SWEEP.value == "descriptions" else [])
+    return [holder.serialize() for holder in holders]
 
 
 def run_sweep() -> None:

@@ -1,5 +1,5 @@
-"""The JAX side of the benchmark: the trainer's own jitted steps (`programs.build` over `step.make_train_step` and
-`step.make_predict_step`), compiled and called on a random batch, with XLA's figures for the compiled program.
+"""The JAX side of the benchmark: the trainer's own jitted steps (`programs.build`), compiled and called on a random
+batch, with XLA's figures for the compiled program.
 
 Imports: the model and its variant table, the stage table, the steps and their programs, the base config.
 """
@@ -22,7 +22,7 @@ from contextblip_jax import hardware, parallel, programs, stages
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.step import TrainState, make_predict_step, make_train_step
+from contextblip_jax.step import TrainState
 from contextblip_jax.trainconfig import base_config
 
 PRESETS: dict[str, ContextBLIPConfig] = {
@@ -155,11 +155,11 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
     built = programs.build(config, stage, model, mesh, steps_per_epoch=1000)
     trainable, frozen = built.trainable, built.frozen
     params = {name: np.array(value) for name, value in {**trainable, **frozen}.items()} if keep_params else {}
-    device_batch = jax.device_put({name: jnp.asarray(value) for name, value in batch.items()}, built.batch_sharding)
+    device_batch = jax.device_put(dict(batch), built.batch_sharding)
     if setup.train:
         state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, built.tx.init(trainable))
         state = jax.device_put(state, built.state_sharding)
-        fn = make_train_step(built.spec, stage, config.loss, built.tx, seed=config.seed)  # what build jits
+        fn = built.train_step.__wrapped__  # the unjitted step, counted on the CPU as aot.py counts it
         figures_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, device_batch))
         start = time.perf_counter()
         compiled = built.train_step.trace(state, device_batch).lower().compile()
@@ -173,7 +173,7 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
     else:
         placement = built.state_sharding
         trainable, frozen = jax.device_put((trainable, frozen), (placement.trainable, placement.frozen))
-        fn, figures_args = make_predict_step(built.spec, stage), (trainable, frozen, device_batch)
+        fn, figures_args = built.predict.__wrapped__, (trainable, frozen, device_batch)
         start = time.perf_counter()
         compiled = built.predict.trace(*figures_args).lower().compile()
         compile_s = time.perf_counter() - start

@@ -26,6 +26,7 @@ import transformers
 from absl import logging
 from torch import nn
 
+from contextblip_jax import hardware
 from contextblip_jax.convert.mapping import blip_rules
 from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
 
@@ -132,15 +133,9 @@ class TorchContextBLIP(nn.Module):
 
 
 def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
-    """PyTorch's best rate of a `size`^3 matrix product on the CPU, the counterpart of `hardware.py`'s for JAX."""
+    """PyTorch's best rate of a `size`^3 matrix product on the CPU (`hardware.measured_matmul_tflops` for JAX)."""
     a = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    a @ a
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times) / 1e12
+    return hardware.best_matmul_tflops(lambda: a @ a, size, runs)
 
 
 PORTED = (("train", "finetune"), ("eval", "zeroshot"))
