@@ -137,6 +137,9 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
         else:
             peak_source = f"{peak_source}, JAX's (PyTorch's: {torch_peak:.4f} TFLOP/s)"
     memory, memory_source = hardware.peak_memory_bytes()
+    if memory_source == "host peak RSS" and len(sides) > 1:
+        memory_source += " (all frameworks of the run)"
+    torch_memory = torch_steps.peak_memory_bytes() if len(sides) > 1 else None
     flops = jax_side.figures["flops_per_step"]
     rows = []
     for (name, side), timed in zip(sides.items(), times, strict=True):
@@ -157,18 +160,27 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
                 "peak_tflops": round(peak, 3),
                 "peak_source": peak_source,
                 "mfu": round(achieved / peak, 4) if achieved else None,
-                "peak_memory_bytes": memory,
-                "peak_memory_source": memory_source + (" (all frameworks of the run)" if len(sides) > 1 else ""),
+                **peak_memory_fields(name, (memory, memory_source), torch_memory),
                 "difference_vs_jax": differences.get(name),
                 "remat": list(setup.remat),
                 "attention": setup.attention if name == "jax" else None,
             }
         )
+    rows[0]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     if "torch" in sides:
         rows[0]["ratio_vs_torch"] = round(rows[0]["images_per_s"] / rows[1]["images_per_s"], 3)
     if _PROFILE.value:
         rows.append(profile.profile_row(jax_side.call, _PROFILE.value))
     return rows
+
+
+def peak_memory_fields(
+    framework: str, jax_memory: tuple[int, str], torch_memory: tuple[int, str] | None
+) -> dict[str, Any]:
+    """A row's peak memory: PyTorch's own allocator for a torch row on a GPU, else JAX's figure (the device
+    allocator's peak, or on a CPU the process's peak RSS, which every framework of the run shares)."""
+    memory, source = torch_memory if framework != "jax" and torch_memory is not None else jax_memory
+    return {"peak_memory_bytes": memory, "peak_memory_source": source}
 
 
 def adapter_rows(setup: Setup) -> list[dict[str, Any]]:

@@ -205,6 +205,14 @@ def make_torch_step(
     return step
 
 
+def peak_memory_bytes() -> tuple[int, str] | None:
+    """(bytes, what they count) from PyTorch's CUDA allocator, which JAX's `memory_stats` does not see; None on a
+    CPU, where the process's peak RSS already holds every framework's memory."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated (eager and compiled sides together)"
+
+
 def prepare(
     setup: Any,
     batch: Mapping[str, np.ndarray],

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from contextblip_jax.benchmark.__main__ import peak_memory_fields
 from tests.runs import ROOT
 
 FIELDS = (
@@ -58,6 +59,18 @@ def test_compare_gives_a_torch_row_with_the_same_work():
     assert torch_row["flops_per_step"] == jax_row["flops_per_step"]
     assert jax_row["peak_source"] == torch_row["peak_source"] and "PyTorch's" in jax_row["peak_source"]
     assert jax_row["ratio_vs_torch"] == pytest.approx(jax_row["images_per_s"] / torch_row["images_per_s"], rel=1e-2)
+    assert torch_row["peak_memory_bytes"] == jax_row["peak_memory_bytes"]  # a CPU: one process's peak RSS
+    assert torch_row["peak_memory_source"] == "host peak RSS (all frameworks of the run)"
+    assert "xla_flags" in jax_row
+
+
+def test_a_torch_row_on_a_gpu_reports_torchs_own_allocator():
+    """JAX's `memory_stats` does not see PyTorch's CUDA allocations, so a GPU's torch row must not quote JAX's."""
+    jax_memory, torch_memory = (31_989_542_912, "device peak_bytes_in_use"), (7_000_000_000, "torch.cuda")
+    assert peak_memory_fields("torch", jax_memory, torch_memory)["peak_memory_bytes"] == 7_000_000_000
+    assert peak_memory_fields("torch_compile", jax_memory, torch_memory)["peak_memory_source"] == "torch.cuda"
+    assert peak_memory_fields("jax", jax_memory, torch_memory)["peak_memory_bytes"] == 31_989_542_912
+    assert peak_memory_fields("torch", jax_memory, None)["peak_memory_bytes"] == 31_989_542_912
 
 
 def test_a_stage_that_does_not_train_is_refused():
