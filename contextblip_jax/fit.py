@@ -11,7 +11,8 @@ bisection as its safeguard. It stops when the largest fitting and the smallest f
 step apart, or after `--max_compiles`. Each compile of a base model takes minutes on a small CPU machine: scan the
 layers (`--config.scan_layers=True`) for anything larger than the tiny model.
 
-Every cell is one JSON line in `--out` (appended, so an interrupted sweep keeps what it found) and a row of the
+Every cell is one JSON line in `--out` (appended, so an interrupted sweep keeps what it found, and a cell already
+there is not compiled again: a long table can be filled over several runs) and a row of the
 printed table. The step time in the table is an estimate, not a measurement: the larger of the compute-bound
 time (FLOPs per step over the chips' data-sheet peak) and, where XLA reports the bytes a device's program moves,
 the memory-bound time over the chips' data-sheet bandwidth.
@@ -162,6 +163,7 @@ def cell(
         "mesh": start["mesh"],
         "scan_layers": start.get("scan_layers", False),
         "remat": start["remat"],
+        "remat_policy": config.get("remat_policy", "full"),
         "paper_batch": PAPER_BATCH[stage],
         "batch": start["batch_size"],
         "peak_bytes_per_device": train.get("peak_bytes") or train.get("needed_bytes"),
@@ -173,6 +175,23 @@ def cell(
         "step_time": step_time_estimate(start) if start["fits"] else None,
         **{k: found[k] for k in ("largest_batch", "smallest_failing_batch", "exact", "batch_unit", "probes")},
     }
+
+
+def cell_key(variant: str, stage: str, target_label: str, config: dict[str, Any]) -> tuple:
+    """What makes two cells the same measurement: model, stage, target and the config keys a sweep sets."""
+    remat = tuple(config.get("remat") or ())
+    policy = config.get("remat_policy", "full") if remat else None
+    return variant, stage, target_label, config.get("dtype"), bool(config.get("scan_layers")), remat, policy
+
+
+def done_cells(path: str) -> dict[tuple, dict[str, Any]]:
+    """The cells already in the JSON lines at `path` (none when it does not exist), by `cell_key`: a sweep that
+    was stopped, or that a later session takes up again, compiles only the cells it lacks."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {cell_key(r["variant"], r["stage"], r["target"], r): r for r in rows}
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -202,7 +221,9 @@ def _define_flags() -> None:
     flags.DEFINE_list("targets", ["v5e-8"], "Compile targets, as --compile_only names them.")
     flags.DEFINE_list("variants", ["B/16"], "Model variants (models/variants.py).")
     flags.DEFINE_list("stages", ["finetune"], "Stages: pretrain, finetune, context.")
-    flags.DEFINE_string("out", "fit.jsonl", "JSON lines file the cells are appended to.")
+    flags.DEFINE_string(
+        "out", "fit.jsonl", "JSON lines file the cells are appended to; cells already in it are not compiled again."
+    )
     flags.DEFINE_string("workdir", "fit_work", "Where each compile's report is written.")
     flags.DEFINE_integer("max_compiles", 6, "Compiles per cell in the batch search.")
     config_flags.DEFINE_config_dict(
@@ -212,26 +233,49 @@ def _define_flags() -> None:
     )
 
 
+def sweep(
+    variants: Sequence[str],
+    stage_names: Sequence[str],
+    target_names: Sequence[str],
+    overrides: dict[str, Any],
+    out: str,
+    workdir: str,
+    max_compiles: int,
+) -> list[dict[str, Any]]:
+    """Every cell of the product, each appended to `out` as soon as it is found and its table row printed; a cell
+    already in `out` (`done_cells`) is taken from there."""
+    done = done_cells(out)
+    rows = []
+    for variant in variants:
+        for stage in stage_names:
+            for target_name in target_names:
+                config = stage_config(stage, variant)
+                config.update(overrides)
+                key = cell_key(variant, stage, targets.parse(target_name).label, config)
+                if key in done:
+                    logging.info("%s %s on %s: already in %s", variant, stage, target_name, out)
+                    rows.append(done[key])
+                    continue
+                where = os.path.join(workdir, variant.replace("/", ""), stage, target_name)
+                try:
+                    row = cell(config, stage, variant, target_name, where, max_compiles)
+                except ValueError as error:
+                    sys.exit(f"error: {variant} {stage} on {target_name}: {error}")
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    return rows
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     aot.use_cpu_host()
     given = flags.FLAGS
-    rows = []
-    for variant in given.variants:
-        for stage in given.stages:
-            for target_name in given.targets:
-                config = stage_config(stage, variant)
-                config.update(dict(given.config))
-                workdir = os.path.join(given.workdir, variant.replace("/", ""), stage, target_name)
-                try:
-                    row = cell(config, stage, variant, target_name, workdir, given.max_compiles)
-                except ValueError as error:
-                    sys.exit(f"error: {variant} {stage} on {target_name}: {error}")
-                with open(given.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                rows.append(row)
-                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    rows = sweep(
+        given.variants, given.stages, given.targets, dict(given.config), given.out, given.workdir, given.max_compiles
+    )
     print(markdown(rows))
 
 

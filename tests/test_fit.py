@@ -119,3 +119,28 @@ def test_a_tiny_cell_compiles_for_v5e_8_and_writes_its_row(tmp_path):
     assert row["step_time"]["compute_bound_s"] > 0
     json.dumps(row)
     assert "| tiny | finetune | v5e-8 | 40 |" in fit.markdown([row])
+
+
+def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monkeypatch):
+    """A long table is filled over several runs: cells already in `--out` are read back, not compiled again,
+    and a cell that differs only in a config key the sweep sets (here scan) is a cell of its own."""
+    compiled = []
+
+    def fake_cell(config, stage, variant, target_name, workdir, max_compiles):
+        compiled.append((variant, stage, target_name, bool(config.scan_layers)))
+        label = targets.parse(target_name).label
+        keys = {"dtype": config.dtype, "scan_layers": bool(config.scan_layers), "remat": list(config.remat)}
+        return {"variant": variant, "stage": stage, "target": label, **keys, "compiled": len(compiled)}
+
+    monkeypatch.setattr(fit, "cell", fake_cell)
+    monkeypatch.setattr(fit, "markdown", lambda rows: "row")
+    out = str(tmp_path / "fit.jsonl")
+    plain = {"scan_layers": False, "remat": (), "dtype": "bfloat16"}
+    first = fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2)
+    again = fit.sweep(["tiny"], ["finetune", "context"], ["v5litepod-8"], plain, out, str(tmp_path), 2)
+    assert compiled == [("tiny", "finetune", "v5e-8", False), ("tiny", "context", "v5litepod-8", False)]
+    assert again[0] == first[0]  # the same slice under gcloud's name: read back
+    fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "scan_layers": True}, out, str(tmp_path), 2)
+    assert compiled[-1] == ("tiny", "finetune", "v5e-8", True)
+    with open(out) as f:
+        assert len(f.readlines()) == 3
