@@ -38,9 +38,10 @@ def get_config(arg: str = ""):
         raise ValueError(f"configs/imagecode.py runs the ImageCoDe stages {sorted(HEAD_LR)}; use configs/pretrain.py")
     c = base_config()
     c.stage = stage.name
-    c.model = model_dict(variant(args["variant"]))
+    model = variant(args["variant"])
+    c.model = model_dict(model)
     c.model.init = "torch"
-    c.data.update(batch_size=36, image_size=224)
+    c.data.update(batch_size=36, image_size=model.blip.vision.image_size)
     c.data.augment.update(
         random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, randaugment_magnitude=5
     )

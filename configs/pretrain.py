@@ -8,6 +8,7 @@ r"""Stage 1: intra-context pre-training on COCO + Visual Genome captions (the au
 Adapter + TMIM train, BLIP frozen: AdamW, weight decay 0.05, lr 3e-4, linear warm-up from 1e-6 over 3,000
 steps, then ×0.9 per epoch (floor 1e-6), 20 epochs over the captions (each caption one example; the steps per
 epoch are the caption count of the annotation files / 1,024, counted at start), global batch 1,024, 224 px.
+Variants (`contextblip_jax/models/variants.py`): `:variant=B/16` (default), `L/16`, or the smaller test rows.
 `:protocol=authors` (default): `pre_caption` to 30 words, 30 tokens, RandomResizedCrop(0.2-1) + BLIP's
 RandAugment(2, 5) + plain flip, hard negatives within each device's batch, one TMIM guiding position for the
 batch; `:protocol=improved`: 64 tokens, text-aware flip, negatives from the global batch, a real guiding token per
@@ -15,16 +16,19 @@ caption (`contextblip_jax/protocol.py`).
 """
 
 from contextblip_jax import protocol, stages
-from contextblip_jax.trainconfig import base_config, parse_args
+from contextblip_jax.models.variants import variant
+from contextblip_jax.trainconfig import base_config, model_dict, parse_args
 
 
 def get_config(arg: str = ""):
-    args = parse_args(arg, protocol="authors")
+    args = parse_args(arg, protocol="authors", variant="B/16")
     stage = stages.get("pretrain")
     c = base_config()
     c.stage = stage.name
+    model = variant(args["variant"])
+    c.model = model_dict(model)
     c.model.init = "torch"
-    c.data.update(batch_size=1024, image_size=224)
+    c.data.update(batch_size=1024, image_size=model.blip.vision.image_size)
     c.data.augment.update(
         random_resized_crop=True, crop_scale=(0.2, 1.0), randaugment_layers=2, randaugment_magnitude=5
     )

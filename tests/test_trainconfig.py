@@ -63,10 +63,15 @@ def test_configs_refuse_what_they_cannot_run(arg, message):
         config_file("imagecode", arg)
 
 
-def test_variants_give_the_configs_their_architectures():
-    assert config_file("imagecode", "variant=L/16").model.blip.vision.width == 1024
-    tiny = config_file("synthetic", "variant=tiny")
-    assert tiny.data.image_size == tiny.model.blip.vision.image_size == 32
+@pytest.mark.parametrize("name", ["imagecode", "pretrain", "synthetic"])
+def test_variants_give_the_configs_their_architectures_and_image_size(name):
+    """Every config takes `variant=`, and its images are the size that variant's vision tower was built for
+    (`python -m contextblip_jax.fit --variants=tiny` compiled the imagecode stages at 224 px for a 32 px tower)."""
+    assert config_file(name, "variant=L/16").model.blip.vision.width == 1024
+    for row in ("tiny", "small", "B/16"):
+        config = config_file(name, f"variant={row}")
+        assert config.data.image_size == config.model.blip.vision.image_size
+    assert config_file(name, "variant=tiny").data.image_size == 32
 
 
 def test_a_run_without_imagecode_says_what_to_get_and_where(tmp_path):
