@@ -204,7 +204,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         gib = (row["peak_bytes_per_device"] or 0) / (1 << 30)
         limit = row["memory_per_device_bytes"] / (1 << 30)
-        largest = f"{row['largest_batch']}" + ("" if row["exact"] else f" (≥; < {row['smallest_failing_batch']})")
+        largest, high = f"{row['largest_batch']}", row["smallest_failing_batch"]
+        if not row["exact"]:  # out of compiles: a lower bound, and an upper one once a batch failed
+            largest = f"≥ {largest}" + (f", < {high}" if high else "")
         flops = f"{row['flops_per_image'] / 1e9:.0f}" if row["flops_per_image"] else "n/a"
         estimate = (row["step_time"] or {}).get("estimate_s")
         lines.append(

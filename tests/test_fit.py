@@ -144,3 +144,13 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     assert compiled[-1] == ("tiny", "finetune", "v5e-8", True)
     with open(out) as f:
         assert len(f.readlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("exact", "high", "shown"), [(True, 432, "| 424 |"), (False, 1024, "| ≥ 424, < 1024 |"), (False, None, "| ≥ 424 |")]
+)
+def test_the_table_says_how_far_the_search_got(exact, high, shown):
+    row = {"variant": "B/16", "stage": "finetune", "target": "8xh100", "batch": 40, "peak_bytes_per_device": 11 << 30,
+           "memory_per_device_bytes": 79 << 30, "fits": True, "largest_batch": 424, "exact": exact,
+           "smallest_failing_batch": high, "flops_per_image": 144e9, "compile_s": 67.0, "step_time": None}  # fmt: skip
+    assert shown in fit.markdown([row]).splitlines()[-1]
