@@ -259,6 +259,19 @@ class MultiHeadAttention(nnx.Module):
         self.dropout = nnx.Dropout(dropout)
         self.implementation = "einsum"  # see ATTENTION_IMPLEMENTATIONS; set on a built model (`set_attention`)
 
+    def project(self, x: jax.Array, context: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values [B, S, heads, head_dim]. In self-attention the three projections run as one
+        matrix product over their kernels stacked at compute time: the same parameters (and checkpoint names),
+        one pass over x instead of three (the base train step on this CPU: 4.8% faster at 1 description, within the
+        3% spread at 2; a larger product for accelerators)."""
+        if context is not None:
+            return self.query(x), self.key(context), self.value(context)
+        parts = (self.query, self.key, self.value)
+        kernel = jnp.stack([part.kernel[...] for part in parts], axis=1).astype(self.dtype)  # [width, 3, heads, hd]
+        bias = jnp.stack([part.bias[...] for part in parts]).astype(self.dtype)  # [3, heads, hd]
+        qkv = jnp.einsum("bsw,wthd->bsthd", x.astype(self.dtype), kernel) + bias
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
     def __call__(
         self,
         x: jax.Array,
@@ -273,8 +286,7 @@ class MultiHeadAttention(nnx.Module):
         Returns the projected output [B, Q, width] and the float32 probabilities [B, heads, Q, K] (before dropout);
         a fused implementation never forms the probabilities and returns None in their place.
         """
-        context = x if context is None else context
-        q, k, v = self.query(x), self.key(context), self.value(context)
+        q, k, v = self.project(x, context)
         if self.implementation != "einsum" and (rngs is None or self.dropout.rate == 0):
             mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
             mixed = jax.nn.dot_product_attention(

@@ -84,9 +84,9 @@ def products_kept_and_gradients(model: VisionTransformer, images: jax.Array) -> 
 
 
 def test_remat_policies_choose_what_each_block_keeps_not_the_gradients():
-    """`full` keeps no product of a block; `dots_no_batch` the 5 weight products whose outputs the backward pass
-    reads (query, key, value, output projection, first MLP layer; the second's output is only added); `dots` also
-    attention's 2 batched products (scores, probabilities·values)."""
+    """`full` keeps no product of a block; `dots_no_batch` the 3 weight products whose outputs the backward pass
+    reads (the fused query/key/value projection, the output projection, the first MLP layer; the second's output
+    is only added); `dots` also attention's 2 batched products (scores, probabilities·values)."""
     model = VisionTransformer(TINY, rngs=nnx.Rngs(0))
     images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
     _, plain = products_kept_and_gradients(model, images)
@@ -96,4 +96,4 @@ def test_remat_policies_choose_what_each_block_keeps_not_the_gradients():
         kept[name], gradients = products_kept_and_gradients(model, images)
         for got, expected in zip(gradients, plain, strict=True):
             np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=name)
-    assert kept == {"full": 0, "dots_no_batch": 5 * TINY.depth, "dots": 7 * TINY.depth}
+    assert kept == {"full": 0, "dots_no_batch": 3 * TINY.depth, "dots": 5 * TINY.depth}
