@@ -21,9 +21,10 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # PyTorch shares the GPU in the comparisons
 # On an H200 (2026-11-28, jax 0.11.2) XLA's default GEMM autotuning compiled the base scoring step in 92 s and
 # had not finished the 2a train step after 140 s (44 s on an H100 the day before). `--xla_gpu_autotune_level=0`
-# cut those to 16 s and 51 s but made the steps 10x slower: untuned Triton GEMMs (a bf16 8192^3 product at 11
-# TFLOP/s, 720 by default). With Triton's GEMMs off, cuBLAS ran it at 696 (693 untuned too); that is also the
-# program `--compile_only` predicts (aot.GPU_COMPILER_OPTIONS). The JAX rows record the flags (`xla_flags`).
+# cut those to 16 s and 51 s but left the steps 9-10x slower than PyTorch eager beside them: untuned Triton
+# GEMMs (a bf16 8192^3 product at 11 TFLOP/s, 720 by default). With Triton's GEMMs off, cuBLAS ran it at 696
+# (693 untuned too); that is also the program `--compile_only` predicts (aot.GPU_COMPILER_OPTIONS). The JAX rows
+# record the flags (`xla_flags`); set XLA_FLAGS to override.
 export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
