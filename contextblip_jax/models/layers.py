@@ -269,7 +269,7 @@ class MultiHeadAttention(nnx.Module):
         parts = (self.query, self.key, self.value)
         kernel = jnp.stack([part.kernel[...] for part in parts], axis=1).astype(self.dtype)  # [width, 3, heads, hd]
         bias = jnp.stack([part.bias[...] for part in parts]).astype(self.dtype)  # [3, heads, hd]
-        qkv = jnp.einsum("bsw,wthd->bsthd", x.astype(self.dtype), kernel) + bias
+        qkv = jnp.einsum("bsw,wthd->bsthd", x.astype(self.dtype), kernel, precision=self.query.precision) + bias
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def __call__(
