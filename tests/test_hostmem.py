@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -18,16 +19,19 @@ import jax, jax.numpy as jnp
 from contextblip_jax import hostmem
 kept = hostmem.keep_freed_memory() if sys.argv[1] == "keep" else False
 step = jax.jit(lambda x: jnp.tanh(x @ x.T @ x).sum())
-x = jnp.ones((1500, 500), jnp.float32)
+x = jnp.ones((3000, 400), jnp.float32)
 step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
-print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
 """
 
 
-def faults_per_step(mode: str) -> tuple[str, float]:
+def faults_per_step(mode: str) -> tuple[str, list[int]]:
+    """Whether the settings took, and the pages each of nine repeated steps faulted in."""
     result = subprocess.run(
         [sys.executable, "-c", STEP, mode],
         cwd=ROOT,
@@ -37,8 +41,8 @@ def faults_per_step(mode: str) -> tuple[str, float]:
         timeout=300,
         check=True,
     )
-    kept, faults = result.stdout.split()
-    return kept, float(faults)
+    kept, *faults = result.stdout.split()
+    return kept, [int(count) for count in faults]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
@@ -46,5 +50,8 @@ def test_repeated_steps_reuse_their_scratch_memory():
     kept, faults = faults_per_step("keep")
     _, default_faults = faults_per_step("default")
     assert kept == "True"
-    # glibc's default faults 600-1,300 pages in per step on the project's machine (it varies with the load)
-    assert default_faults > 200 and faults < 50, (faults, default_faults)
+    # x @ x.T is 36 MB, above the 32 MB to which glibc's default raises its mmap threshold as blocks are freed,
+    # so by default every step maps it afresh and faults its ~8,800 pages in. A one-off growth of the heap or a
+    # new thread's stack can land in any one step: the median is what repeats.
+    assert statistics.median(default_faults) > 5000, default_faults
+    assert statistics.median(faults) < 50, faults
