@@ -161,6 +161,7 @@ def cell(
         "target": target.label,
         "dtype": start["dtype"],
         "mesh": start["mesh"],
+        "mesh_config": list(config.mesh),
         "scan_layers": start.get("scan_layers", False),
         "remat": start["remat"],
         "remat_policy": config.get("remat_policy", "full"),
@@ -177,11 +178,17 @@ def cell(
     }
 
 
-def cell_key(variant: str, stage: str, target_label: str, config: dict[str, Any]) -> tuple:
-    """What makes two cells the same measurement: model, stage, target and the config keys a sweep sets."""
+DEFAULT_MESH = (-1, 1, 1)
+"""The mesh of every row written before rows recorded `mesh_config`: all data-parallel."""
+
+
+def cell_key(variant: str, stage: str, target_label: str, config: dict[str, Any], mesh: Sequence[int]) -> tuple:
+    """What makes two cells the same measurement: model, stage, target, mesh (as the config gives it, e.g.
+    `(-1, 16, 1)`) and the config keys a sweep sets."""
     remat = tuple(config.get("remat") or ())
     policy = config.get("remat_policy", "full") if remat else None
-    return variant, stage, target_label, config.get("dtype"), bool(config.get("scan_layers")), remat, policy
+    flags = config.get("dtype"), bool(config.get("scan_layers")), remat, policy
+    return variant, stage, target_label, tuple(mesh), *flags
 
 
 def done_cells(path: str) -> dict[tuple, dict[str, Any]]:
@@ -191,27 +198,36 @@ def done_cells(path: str) -> dict[tuple, dict[str, Any]]:
         return {}
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {cell_key(r["variant"], r["stage"], r["target"], r): r for r in rows}
+    return {cell_key(r["variant"], r["stage"], r["target"], r, r.get("mesh_config", DEFAULT_MESH)): r for r in rows}
+
+
+def _where(row: dict[str, Any]) -> str:
+    """The target, with its model-parallel mesh axes where the cell set any (`v5e-256, fsdp 16`)."""
+    split = [f"{axis} {size}" for axis, size in (row.get("mesh") or {}).items() if axis != "data" and size > 1]
+    return ", ".join([row["target"], *split])
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The cells as the README's table."""
+    """The cells as the README's table. `state / device` is the step's arguments per device: the parameters,
+    the optimizer state and the batch, which is what an `fsdp` axis divides."""
     head = (
-        "| model | stage | target | batch | peak / device | largest batch | GFLOP / image | compile | "
-        "step time (roofline estimate) |\n|---|---|---|---|---|---|---|---|---|"
+        "| model | stage | target | batch | peak / device | state / device | largest batch | GFLOP / image | compile | "
+        "step time (roofline estimate) |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for row in rows:
         gib = (row["peak_bytes_per_device"] or 0) / (1 << 30)
         limit = row["memory_per_device_bytes"] / (1 << 30)
+        state = row.get("argument_bytes_per_device")
         largest, high = f"{row['largest_batch']}", row["smallest_failing_batch"]
         if not row["exact"]:  # out of compiles: a lower bound, and an upper one once a batch failed
             largest = f"≥ {largest}" + (f", < {high}" if high else "")
         flops = f"{row['flops_per_image'] / 1e9:.0f}" if row["flops_per_image"] else "n/a"
         estimate = (row["step_time"] or {}).get("estimate_s")
         lines.append(
-            f"| {row['variant']} | {row['stage']} | {row['target']} | {row['batch']} | {gib:.1f} of {limit:.0f} GiB"
-            f"{'' if row['fits'] else ' (does not fit)'} | {largest} | {flops} | {row['compile_s']:.0f} s | "
+            f"| {row['variant']} | {row['stage']} | {_where(row)} | {row['batch']} | {gib:.1f} of {limit:.0f} GiB"
+            f"{'' if row['fits'] else ' (does not fit)'} | {'n/a' if state is None else f'{state / (1 << 30):.2f} GiB'}"
+            f" | {largest} | {flops} | {row['compile_s']:.0f} s | "
             f"{'n/a' if estimate is None else f'{estimate * 1e3:.0f} ms'} |"
         )
     return "\n".join(lines)
@@ -230,8 +246,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_compiles", 6, "Compiles per cell in the batch search.")
     config_flags.DEFINE_config_dict(
         "config",
-        ml_collections.ConfigDict({"scan_layers": False, "remat": (), "remat_policy": "full", "dtype": "bfloat16"}),
-        "Keys set on every cell's run config (e.g. --config.scan_layers=True).",
+        ml_collections.ConfigDict(
+            {"scan_layers": False, "remat": (), "remat_policy": "full", "dtype": "bfloat16", "mesh": DEFAULT_MESH}
+        ),
+        "Keys set on every cell's run config (e.g. --config.scan_layers=True, --config.mesh='(-1,16,1)').",
     )
 
 
@@ -253,7 +271,7 @@ def sweep(
             for target_name in target_names:
                 config = stage_config(stage, variant)
                 config.update(overrides)
-                key = cell_key(variant, stage, targets.parse(target_name).label, config)
+                key = cell_key(variant, stage, targets.parse(target_name).label, config, config.mesh)
                 if key in done:
                     logging.info("%s %s on %s: already in %s", variant, stage, target_name, out)
                     rows.append(done[key])

@@ -123,13 +123,14 @@ def test_a_tiny_cell_compiles_for_v5e_8_and_writes_its_row(tmp_path):
 
 def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monkeypatch):
     """A long table is filled over several runs: cells already in `--out` are read back, not compiled again,
-    and a cell that differs only in a config key the sweep sets (here scan) is a cell of its own."""
+    and a cell that differs only in a config key the sweep sets (here scan, then the mesh) is a cell of its own."""
     compiled = []
 
     def fake_cell(config, stage, variant, target_name, workdir, max_compiles):
-        compiled.append((variant, stage, target_name, bool(config.scan_layers)))
+        compiled.append((variant, stage, target_name, bool(config.scan_layers), tuple(config.mesh)))
         label = targets.parse(target_name).label
         keys = {"dtype": config.dtype, "scan_layers": bool(config.scan_layers), "remat": list(config.remat)}
+        keys["mesh_config"] = list(config.mesh)
         return {"variant": variant, "stage": stage, "target": label, **keys, "compiled": len(compiled)}
 
     monkeypatch.setattr(fit, "cell", fake_cell)
@@ -138,12 +139,24 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     plain = {"scan_layers": False, "remat": (), "dtype": "bfloat16"}
     first = fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2)
     again = fit.sweep(["tiny"], ["finetune", "context"], ["v5litepod-8"], plain, out, str(tmp_path), 2)
-    assert compiled == [("tiny", "finetune", "v5e-8", False), ("tiny", "context", "v5litepod-8", False)]
+    data = (-1, 1, 1)
+    assert compiled == [("tiny", "finetune", "v5e-8", False, data), ("tiny", "context", "v5litepod-8", False, data)]
     assert again[0] == first[0]  # the same slice under gcloud's name: read back
     fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "scan_layers": True}, out, str(tmp_path), 2)
-    assert compiled[-1] == ("tiny", "finetune", "v5e-8", True)
+    assert compiled[-1] == ("tiny", "finetune", "v5e-8", True, data)
+    fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "mesh": (-1, 4, 1)}, out, str(tmp_path), 2)
+    assert compiled[-1] == ("tiny", "finetune", "v5e-8", False, (-1, 4, 1))
+    assert len(compiled) == 4
     with open(out) as f:
-        assert len(f.readlines()) == 3
+        assert len(f.readlines()) == 4
+
+
+def test_rows_written_before_the_mesh_was_recorded_are_the_data_parallel_cells(tmp_path):
+    out = tmp_path / "fit.jsonl"
+    out.write_text(json.dumps({"variant": "B/16", "stage": "finetune", "target": "8xh100", "dtype": "bfloat16"}))
+    config = {"dtype": "bfloat16", "scan_layers": False, "remat": ()}
+    assert fit.cell_key("B/16", "finetune", "8xh100", config, (-1, 1, 1)) in fit.done_cells(str(out))
+    assert fit.cell_key("B/16", "finetune", "8xh100", config, (-1, 8, 1)) not in fit.done_cells(str(out))
 
 
 @pytest.mark.parametrize(
@@ -154,3 +167,12 @@ def test_the_table_says_how_far_the_search_got(exact, high, shown):
            "memory_per_device_bytes": 79 << 30, "fits": True, "largest_batch": 424, "exact": exact,
            "smallest_failing_batch": high, "flops_per_image": 144e9, "compile_s": 67.0, "step_time": None}  # fmt: skip
     assert shown in fit.markdown([row]).splitlines()[-1]
+
+
+def test_a_pod_row_names_its_model_parallel_axes_and_the_state_each_chip_holds():
+    row = {"variant": "L/16", "stage": "finetune", "target": "v5e-256", "mesh": {"data": 16, "fsdp": 16, "tensor": 1},
+           "batch": 256, "peak_bytes_per_device": 3 << 30, "argument_bytes_per_device": 3 << 28,
+           "memory_per_device_bytes": 16 << 30, "fits": True, "largest_batch": 256, "exact": False,
+           "smallest_failing_batch": None, "flops_per_image": None, "compile_s": 300.0, "step_time": None}  # fmt: skip
+    shown = "| L/16 | finetune | v5e-256, fsdp 16 | 256 | 3.0 of 16 GiB | 0.75 GiB | ≥ 256 | n/a |"
+    assert shown in fit.markdown([row])
