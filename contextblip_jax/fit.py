@@ -147,12 +147,18 @@ def step_time_estimate(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell(
-    config: ml_collections.ConfigDict, stage: str, variant: str, target_name: str, workdir: str, max_compiles: int
+    config: ml_collections.ConfigDict,
+    stage: str,
+    variant: str,
+    target_name: str,
+    workdir: str,
+    max_compiles: int,
+    start_batch: int | None = None,
 ) -> dict[str, Any]:
-    """One table cell: the paper batch's peak, the largest batch that fits, FLOPs per image, compile time and
-    the step-time estimate at the paper batch."""
+    """One table cell: the peak at the paper batch (or at `start_batch`), the largest batch that fits, FLOPs per
+    image, compile time and the step-time estimate at the batch it started from."""
     target = targets.parse(target_name)
-    found = largest_batch(config, workdir, target, PAPER_BATCH[stage], max_compiles)
+    found = largest_batch(config, workdir, target, start_batch or PAPER_BATCH[stage], max_compiles)
     start = found["at_start"]
     train = start["train"]
     return {
@@ -166,6 +172,7 @@ def cell(
         "remat": start["remat"],
         "remat_policy": config.get("remat_policy", "full"),
         "paper_batch": PAPER_BATCH[stage],
+        "start_batch": start_batch,
         "batch": start["batch_size"],
         "peak_bytes_per_device": train.get("peak_bytes") or train.get("needed_bytes"),
         "argument_bytes_per_device": train.get("argument_bytes"),
@@ -182,13 +189,20 @@ DEFAULT_MESH = (-1, 1, 1)
 """The mesh of every row written before rows recorded `mesh_config`: all data-parallel."""
 
 
-def cell_key(variant: str, stage: str, target_label: str, config: dict[str, Any], mesh: Sequence[int]) -> tuple:
+def cell_key(
+    variant: str,
+    stage: str,
+    target_label: str,
+    config: dict[str, Any],
+    mesh: Sequence[int],
+    start_batch: int | None = None,
+) -> tuple:
     """What makes two cells the same measurement: model, stage, target, mesh (as the config gives it, e.g.
-    `(-1, 16, 1)`) and the config keys a sweep sets."""
+    `(-1, 16, 1)`), the batch the search started from (None: the paper's) and the config keys a sweep sets."""
     remat = tuple(config.get("remat") or ())
     policy = config.get("remat_policy", "full") if remat else None
     flags = config.get("dtype"), bool(config.get("scan_layers")), remat, policy
-    return variant, stage, target_label, tuple(mesh), *flags
+    return variant, stage, target_label, tuple(mesh), start_batch, *flags
 
 
 def done_cells(path: str) -> dict[tuple, dict[str, Any]]:
@@ -198,7 +212,10 @@ def done_cells(path: str) -> dict[tuple, dict[str, Any]]:
         return {}
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {cell_key(r["variant"], r["stage"], r["target"], r, r.get("mesh_config", DEFAULT_MESH)): r for r in rows}
+    return {
+        cell_key(r["variant"], r["stage"], r["target"], r, r.get("mesh_config", DEFAULT_MESH), r.get("start_batch")): r
+        for r in rows
+    }
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -244,6 +261,12 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("workdir", "fit_work", "Where each compile's report is written.")
     flags.DEFINE_integer("max_compiles", 6, "Compiles per cell in the batch search.")
+    flags.DEFINE_integer(
+        "start_batch",
+        None,
+        "Global batch each cell's search starts from, instead of the paper's (1024 for stage 1, 36 after), e.g. to "
+        "give each chip of a pod more than one description (README, Known limits).",
+    )
     config_flags.DEFINE_config_dict(
         "config",
         ml_collections.ConfigDict(
@@ -261,6 +284,7 @@ def sweep(
     out: str,
     workdir: str,
     max_compiles: int,
+    start_batch: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every cell of the product, each appended to `out` as soon as it is found and its table row printed; a cell
     already in `out` (`done_cells`) is taken from there."""
@@ -271,14 +295,14 @@ def sweep(
             for target_name in target_names:
                 config = stage_config(stage, variant)
                 config.update(overrides)
-                key = cell_key(variant, stage, targets.parse(target_name).label, config, config.mesh)
+                key = cell_key(variant, stage, targets.parse(target_name).label, config, config.mesh, start_batch)
                 if key in done:
                     logging.info("%s %s on %s: already in %s", variant, stage, target_name, out)
                     rows.append(done[key])
                     continue
                 where = os.path.join(workdir, variant.replace("/", ""), stage, target_name)
                 try:
-                    row = cell(config, stage, variant, target_name, where, max_compiles)
+                    row = cell(config, stage, variant, target_name, where, max_compiles, start_batch)
                 except ValueError as error:
                     sys.exit(f"error: {variant} {stage} on {target_name}: {error}")
                 with open(out, "a") as f:
@@ -294,7 +318,14 @@ def main(argv: Sequence[str]) -> None:
     aot.use_cpu_host()
     given = flags.FLAGS
     rows = sweep(
-        given.variants, given.stages, given.targets, dict(given.config), given.out, given.workdir, given.max_compiles
+        given.variants,
+        given.stages,
+        given.targets,
+        dict(given.config),
+        given.out,
+        given.workdir,
+        given.max_compiles,
+        given.start_batch,
     )
     print(markdown(rows))
 

@@ -126,11 +126,11 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     and a cell that differs only in a config key the sweep sets (here scan, then the mesh) is a cell of its own."""
     compiled = []
 
-    def fake_cell(config, stage, variant, target_name, workdir, max_compiles):
+    def fake_cell(config, stage, variant, target_name, workdir, max_compiles, start_batch):
         compiled.append((variant, stage, target_name, bool(config.scan_layers), tuple(config.mesh)))
         label = targets.parse(target_name).label
         keys = {"dtype": config.dtype, "scan_layers": bool(config.scan_layers), "remat": list(config.remat)}
-        keys["mesh_config"] = list(config.mesh)
+        keys["mesh_config"], keys["start_batch"] = list(config.mesh), start_batch
         return {"variant": variant, "stage": stage, "target": label, **keys, "compiled": len(compiled)}
 
     monkeypatch.setattr(fit, "cell", fake_cell)
@@ -146,9 +146,11 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     assert compiled[-1] == ("tiny", "finetune", "v5e-8", True, data)
     fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "mesh": (-1, 4, 1)}, out, str(tmp_path), 2)
     assert compiled[-1] == ("tiny", "finetune", "v5e-8", False, (-1, 4, 1))
-    assert len(compiled) == 4
+    fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2, start_batch=80)
+    fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2, start_batch=80)
+    assert len(compiled) == 5
     with open(out) as f:
-        assert len(f.readlines()) == 4
+        assert len(f.readlines()) == 5
 
 
 def test_rows_written_before_the_mesh_was_recorded_are_the_data_parallel_cells(tmp_path):
