@@ -15,12 +15,17 @@ from contextblip_jax import fit, hardware, targets
 from tests.runs import config_file
 
 
+def bytes_needed(batch: int, fixed: int, per_example: int, bend: float = 0.0) -> int:
+    """The fake step's memory: `fixed + per_example·b (1 + bend·b/1000)` bytes, in whole bytes."""
+    return int(fixed + per_example * batch * (1 + bend * batch / 1000))
+
+
 def fake_probe(fixed: int, per_example: int, limit: int, bend: float = 0.0):
-    """A `_probe` whose step needs `fixed + per_example·b (1 + bend·b/1000)` bytes of `limit` per device."""
+    """A `_probe` whose step needs `bytes_needed` of `limit` bytes per device."""
     calls = []
 
     def probe(config, batch, workdir, target):
-        used = int(fixed + per_example * batch * (1 + bend * batch / 1000))
+        used = bytes_needed(batch, fixed, per_example, bend)
         calls.append(batch)
         report = {"memory_per_device_bytes": limit, "train": {}, "fits": used <= limit}
         return {"batch": batch, "fits": used <= limit, "bytes": used, "report": report}
@@ -48,7 +53,7 @@ def test_the_search_finds_the_largest_fitting_batch(fixed, per_example, unit, st
         found = fit.largest_batch(config, "unused", targets.parse("cpu"), start, max_compiles=40)
 
     def fits(b: int) -> bool:
-        return fixed + per_example * b * (1 + bend * b / 1000) <= limit
+        return bytes_needed(b, fixed, per_example, bend) <= limit
 
     expected = 0
     while fits(expected + unit):
