@@ -231,12 +231,20 @@ def _where(row: dict[str, Any]) -> str:
     return ", ".join([row["target"], *split])
 
 
+def _towers(row: dict[str, Any]) -> str:
+    """How the cell built its towers (`scan`, or `unrolled`, and the remat policy of the towers it wraps), which
+    moves both the compile time and the peak memory a row shows."""
+    remat = row.get("remat") or []
+    how = "scan" if row.get("scan_layers") else "unrolled"
+    return how + (f", remat {row.get('remat_policy') or 'full'} ({' + '.join(remat)})" if remat else "")
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The cells as the README's table. `state / device` is the step's arguments per device: the parameters,
     the optimizer state and the batch, which is what an `fsdp` axis divides."""
     head = (
-        "| model | stage | target | batch | peak / device | state / device | largest batch | GFLOP / image | compile | "
-        "step time (roofline estimate) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| model | stage | target | towers | batch | peak / device | state / device | largest batch | GFLOP / image | "
+        "compile | step time (roofline estimate) |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for row in rows:
@@ -249,7 +257,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         flops = f"{row['flops_per_image'] / 1e9:.0f}" if row["flops_per_image"] else "n/a"
         estimate = (row["step_time"] or {}).get("estimate_s")
         lines.append(
-            f"| {row['variant']} | {row['stage']} | {_where(row)} | {row['batch']} | {gib:.1f} of {limit:.0f} GiB"
+            f"| {row['variant']} | {row['stage']} | {_where(row)} | {_towers(row)} | {row['batch']} "
+            f"| {gib:.1f} of {limit:.0f} GiB"
             f"{'' if row['fits'] else ' (does not fit)'} | {'n/a' if state is None else f'{state / (1 << 30):.2f} GiB'}"
             f" | {largest} | {flops} | {row['compile_s']:.0f} s | "
             f"{'n/a' if estimate is None else f'{estimate * 1e3:.0f} ms'} |"

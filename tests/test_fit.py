@@ -123,7 +123,7 @@ def test_a_tiny_cell_compiles_for_v5e_8_and_writes_its_row(tmp_path):
     assert row["flops_per_image"] > 0 and row["compile_s"] > 0
     assert row["step_time"]["compute_bound_s"] > 0
     json.dumps(row)
-    assert "| tiny | finetune | v5e-8 | 40 |" in fit.markdown([row])
+    assert "| tiny | finetune | v5e-8 | unrolled | 40 |" in fit.markdown([row])
 
 
 def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monkeypatch):
@@ -180,6 +180,10 @@ def test_a_pod_row_names_its_model_parallel_axes_and_the_state_each_chip_holds()
     row = {"variant": "L/16", "stage": "finetune", "target": "v5e-256", "mesh": {"data": 16, "fsdp": 16, "tensor": 1},
            "batch": 256, "peak_bytes_per_device": 3 << 30, "argument_bytes_per_device": 3 << 28,
            "memory_per_device_bytes": 16 << 30, "fits": True, "largest_batch": 256, "exact": False,
-           "smallest_failing_batch": None, "flops_per_image": None, "compile_s": 300.0, "step_time": None}  # fmt: skip
-    shown = "| L/16 | finetune | v5e-256, fsdp 16 | 256 | 3.0 of 16 GiB | 0.75 GiB | ≥ 256 | n/a |"
+           "smallest_failing_batch": None, "flops_per_image": None, "compile_s": 300.0, "step_time": None,
+           "scan_layers": True, "remat": ["vision", "text"], "remat_policy": "dots"}  # fmt: skip
+    shown = (
+        "| L/16 | finetune | v5e-256, fsdp 16 | scan, remat dots (vision + text) | 256 | 3.0 of 16 GiB | 0.75 GiB "
+        "| ≥ 256 | n/a |"
+    )
     assert shown in fit.markdown([row])
