@@ -17,9 +17,9 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER = -1
 """mallopt takes a C int, but glibc stores the trim threshold as a size_t: -1 becomes SIZE_MAX, so the top of the
-heap is never given back. INT_MAX (2 GiB) was not enough: a base train step's 8.8 GB scratch left a top chunk
-above it, glibc trimmed it at every free, and every step faulted 2.15 million pages in again (6.5 s of
-system time per 26 s step on this project's CPU)."""
+heap is never given back: the process keeps its high-water mark and reuses it. INT_MAX (2 GiB) was not enough:
+a base train step's scratch left a top chunk above it, glibc trimmed it at every free, and every step faulted
+2.15 million pages (8.8 GB) in again (6.4-7.0 s of system time per 26 s step on this project's CPU)."""
 
 
 def keep_freed_memory() -> bool:
