@@ -8,11 +8,12 @@ r"""ImageCoDe fine-tuning with the authors' hyperparameters (their `finetune_not
     python -m contextblip_jax.evaluate --config=configs/imagecode.py:stage=zeroshot --workdir=W_zs \
         --config.data.root=/data/imagecode --config.init=/ckpt/contextblip_stage1
 
-Protocols (`contextblip_jax/protocol.py`): `authors` (default) reproduces the authors' recipe: BLIP's `pre_caption`
-cut to 30 words and 30 tokens, RandomResizedCrop(0.2-1) + BLIP's RandAugment(2, 5) + a plain flip drawn for each
-of the 10 images independently, text and TMIM dropout 0.1, PyTorch-default initialisation of the parts created
-fresh; `:protocol=improved` selects the project's choices (64 tokens, one augmentation draw per set with a flip that
-swaps left/right words). Both keep the best validation model (`W/best.json`), which `init=W` and `evaluate` take.
+Protocols (`contextblip_jax/runconfig/protocol.py`): `authors` (default) reproduces the authors' recipe: BLIP's
+`pre_caption` cut to 30 words and 30 tokens, RandomResizedCrop(0.2-1) + BLIP's RandAugment(2, 5) + a plain flip
+drawn for each of the 10 images independently, text and TMIM dropout 0.1, PyTorch-default initialisation of the
+parts created fresh; `:protocol=improved` selects the project's choices (64 tokens, one augmentation draw per set
+with a flip that swaps left/right words). Both keep the best validation model (`W/best.json`), which `init=W` and
+`evaluate` take.
 
 Stages: zeroshot (ITM match probability), finetune (2a: Adam β 0.9/0.98, eps 1e-6, weight decay 0.2, lr 2e-6 for
 the model and 1e-4 for the head, ×0.95 per epoch, 40 epochs, 36 descriptions per batch, losses summed),
@@ -22,9 +23,10 @@ previous stage's workdir. Variants (`contextblip_jax/models/variants.py`): B/16 
 from epochs with ImageCoDe's 16,594 training descriptions.
 """
 
-from contextblip_jax import protocol, stages
+from contextblip_jax import stages
 from contextblip_jax.models.variants import variant
-from contextblip_jax.trainconfig import base_config, model_dict, parse_args
+from contextblip_jax.runconfig import parse_args, protocol
+from contextblip_jax.runconfig.defaults import base_config, model_dict
 
 TRAIN_DESCRIPTIONS = 16_594
 HEAD_LR = {"zeroshot": 0.0, "finetune": 1e-4, "context": 2e-6}

@@ -12,12 +12,13 @@ Variants (`contextblip_jax/models/variants.py`): `:variant=B/16` (default), `L/1
 `:protocol=authors` (default): `pre_caption` to 30 words, 30 tokens, RandomResizedCrop(0.2-1) + BLIP's
 RandAugment(2, 5) + plain flip, hard negatives within each device's batch, one TMIM guiding position for the
 batch; `:protocol=improved`: 64 tokens, text-aware flip, negatives from the global batch, a real guiding token per
-caption (`contextblip_jax/protocol.py`).
+caption (`contextblip_jax/runconfig/protocol.py`).
 """
 
-from contextblip_jax import protocol, stages
+from contextblip_jax import stages
 from contextblip_jax.models.variants import variant
-from contextblip_jax.trainconfig import base_config, model_dict, parse_args
+from contextblip_jax.runconfig import parse_args, protocol
+from contextblip_jax.runconfig.defaults import base_config, model_dict
 
 
 def get_config(arg: str = ""):

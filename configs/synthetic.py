@@ -13,7 +13,7 @@ and scoring head), evaluates on the validation split and prints where the curve 
 
 `protocol`: empty (default) trains as the main job always has, without augmentation, dropout or text cleaning;
 `authors` or `improved` add that protocol's augmentation, text handling, dropout and stage-1 sampling
-(`contextblip_jax/protocol.py`), for a short end-to-end run of either recipe on generated data:
+(`contextblip_jax/runconfig/protocol.py`), for a short end-to-end run of either recipe on generated data:
 
     python -m contextblip_jax.train --config=configs/synthetic.py:protocol=authors --workdir=workdirs/authors
 
@@ -23,10 +23,11 @@ its description. Point it at another ImageCoDe-layout folder with `--config.data
 
 import dataclasses
 
-from contextblip_jax import protocol, stages
+from contextblip_jax import stages
 from contextblip_jax.models.config import HeadConfig
 from contextblip_jax.models.variants import variant
-from contextblip_jax.trainconfig import base_config, model_dict, parse_args
+from contextblip_jax.runconfig import parse_args, protocol
+from contextblip_jax.runconfig.defaults import base_config, model_dict
 
 RATES = {"pretrain": (1e-3, 1e-2), "zeroshot": (0.0, 0.0), "finetune": (5e-4, 1e-2), "context": (1e-4, 1e-4)}
 """Peak learning rates per stage: (model, scoring head)."""

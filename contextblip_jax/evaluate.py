@@ -7,7 +7,7 @@ as JSON, and on the test split writes the leaderboard file `W/test_predictions.j
 `{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.
 
-Imports: evaluators and scoring; this module defines command-line flags, so libraries never import it.
+Imports: `evaluation`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import best, checkpoint, stages, trainconfig
-from contextblip_jax.data import inputs
-from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
-from contextblip_jax.scoring import LEADERBOARD_FILE, accuracy, leaderboard
+from contextblip_jax import runconfig, storage
+from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
+from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
+from contextblip_jax.evaluation.scoring import LEADERBOARD_FILE, accuracy, leaderboard
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's folder (checkpoints; the leaderboard file goes here).")
@@ -41,19 +41,18 @@ _MMVP_ROOT = flags.DEFINE_string("mmvp_root", None, "MMVP-VLM folder (Questions.
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if _SPLIT.value != "mmvp":
-        trainconfig.check_imagecode_folder(config, stages.get(config.stage))
+    workdir = _WORKDIR.value
     try:
-        scoring = scorer(config, workdir, best.check_choice(_CHECKPOINT.value))
-    except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as error:
+        config = runconfig.prepare(_CONFIG.value, data=_SPLIT.value != "mmvp")
+        scoring = scorer(config, workdir, runconfig.check_choice(_CHECKPOINT.value))
+    except (ValueError, FileNotFoundError, storage.CheckpointError) as error:
         sys.exit(f"error: {error}")
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:
             raise app.UsageError("--split=mmvp needs --mmvp_root")
         print(json.dumps({"split": "mmvp", "step": scoring.step, **mmvp_accuracy(config, scoring, _MMVP_ROOT.value)}))
         return
-    evaluator = ImageCodeEvaluator(inputs.data_config(config, train=False), _SPLIT.value, scoring.mesh)
+    evaluator = ImageCodeEvaluator(runconfig.data_config(config, train=False), _SPLIT.value, scoring.mesh)
     scored = evaluator.score(scoring.predict)
     result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored)}
     if _SPLIT.value == "test":

@@ -7,7 +7,7 @@ device's examples; the authors sample within each GPU's local batch (their `main
 under DistributedDataParallel, and `models/multiscale_adapter.py` samples from that process's batch), which
 `groups` reproduces.
 
-Imports: jax and optax only (the model imports this module).
+Imports: nothing of the package.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a 
 and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
 as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
-Imports: the run's weights, the stage table, the data readers.
+Imports: `checkpoints`, `data`, `runconfig`, `stages`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import best, stages, weights
-from contextblip_jax.data import imagecode, inputs
+from contextblip_jax import runconfig, stages
+from contextblip_jax.checkpoints import weights
+from contextblip_jax.data import imagecode
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
 from contextblip_jax.data.text_cleaning import clean
 
@@ -46,7 +47,7 @@ _MAX_LENGTH = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    found = weights.run_model(_WORKDIR.value, choice=best.check_choice(_CHECKPOINT.value))
+    found = weights.run_model(_WORKDIR.value, choice=runconfig.check_choice(_CHECKPOINT.value))
     if found is None:
         raise app.UsageError(f"{_WORKDIR.value} holds no training checkpoint")
     model, _ = found
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"{_IMAGES.value} holds no imgX.jpg files")
     size = config.blip.vision.image_size
     images = jnp.asarray(np.stack([load_image(os.path.join(_IMAGES.value, n), size) for n in names]))[None]
-    data = inputs.data_config(_CONFIG.value, train=False) if _CONFIG.value else None
+    data = runconfig.data_config(runconfig.prepare(_CONFIG.value, data=False), train=False) if _CONFIG.value else None
     default_length = data.max_text_length if data else 64
     length = _MAX_LENGTH.value or min(default_length, config.blip.text.max_positions)
     text = clean(_TEXT.value, data.pre_caption_words, data.pre_caption_rules) if data else _TEXT.value

@@ -12,7 +12,7 @@ says, except the parts its logits never use (TMIM, the ITC projections and the I
 left them. Epoch counts are the authors' (their `train_*.sh` scripts). The trainer, the evaluator, `predict` and
 the configs read this table and nothing else about stages: adding a stage means adding a row.
 
-Imports: the model and the losses only.
+Imports: `losses`, `models`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from contextblip_jax import losses
 from contextblip_jax.models.contextblip import ContextBLIP, trainable_filter
 
 Batch = Mapping[str, jax.Array]
-LossFn = Callable[[ContextBLIP, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
-"""`loss(model, batch, key, loss_config) -> (scalar, metrics)`; `loss_config` is the run config's `loss`, plus
-`negative_groups` when the train step draws stage 1's negatives per device (`step.make_train_step`). Every loss
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+"""`loss(model, batch, key, loss_config, groups=1) -> (scalar, metrics)`; `loss_config` is the run config's
+`loss`; `groups` the per-device blocks stage 1 draws its negatives within (1: the whole batch;
+`step.make_train_step`). Every loss
 trains with dropout on (`nnx.Rngs` from `key`; its rates: `contextblip.set_dropout`, `ContextConfig.dropout`)."""
 ScoreFn = Callable[..., jax.Array]
 """`score(model, batch, rngs=None) -> [B, candidates]`; the prediction is the argmax; `rngs` enables dropout."""
@@ -76,7 +77,7 @@ class Stage:
         return trainable_filter(pattern or self.trainable)
 
 
-def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any):
+def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any, groups: int = 1):
     """Negatives and masks draw from one half of `key`, dropout from the other, so that neither reuses the
     other's draws; at dropout rate 0 the dropout half is never used."""
     loss_key, dropout_key = jax.random.split(key)
@@ -86,8 +87,8 @@ def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any
         batch["attention_mask"],
         loss_key,
         config.temperature or None,
-        groups=config.get("negative_groups", 1),
-        tmim_token=config.get("tmim_token", "example"),
+        groups=groups,
+        tmim_token=config.tmim_token,
         rngs=nnx.Rngs(dropout=dropout_key),
     )
     total = config.itm * terms["itm"] + config.tmim * terms["tmim"]
@@ -113,8 +114,8 @@ def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = No
 def _candidate_loss(score: ScoreFn) -> LossFn:
     """Cross-entropy over each description's candidate scores (dropout on), summed over descriptions."""
 
-    def loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any):
-        del config
+    def loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any, groups: int = 1):
+        del config, groups
         logits = score(model, batch, rngs=nnx.Rngs(dropout=key))
         correct = (jnp.argmax(logits, axis=-1) == batch["target"]).astype(jnp.float32)
         return losses.candidate_loss(logits, batch["target"], "sum"), {"accuracy": correct.mean()}

@@ -60,7 +60,7 @@ def data_root(tmp_path_factory) -> str:
     """The generated folder the trainer tests' configs ask for (`run_config`: 12 training sets), written as the
     trainer itself writes it (`synthetic.ensure`, behind its manifest, plus stage 1's captions), so that runs
     find it ready and never regenerate it under one another."""
-    from contextblip_jax.data import inputs
+    from contextblip_jax.training import inputs
 
     root = str(tmp_path_factory.mktemp("synthetic"))
     inputs.ensure_synthetic_data(run_config(root))

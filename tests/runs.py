@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from contextblip_jax.trainconfig import config_file
+from contextblip_jax.runconfig import config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETS = 12

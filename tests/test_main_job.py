@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax.training.telemetry import read_metrics
 from tests.runs import user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,10 +17,12 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
-from contextblip_jax import optim, parallel
+from contextblip_jax import parallel
+from contextblip_jax.models import axes
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.layers import MultiHeadAttention
-from contextblip_jax.step import split_model
+from contextblip_jax.training import optim
+from contextblip_jax.training.step import split_model
 from tests.runs import facts_on_devices, run_config
 from tests.tiny import tiny_contextblip
 
@@ -45,7 +47,7 @@ def _create() -> ContextBLIP:
 
 
 def _abstract_mesh(shape: tuple[int, ...]) -> AbstractMesh:
-    return AbstractMesh(shape, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    return AbstractMesh(shape, axes.MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
 def _by_path(tree) -> dict:
@@ -136,7 +138,7 @@ def _helper_facts() -> dict:
     sharded = _by_path(nnx.state(parallel.init_sharded(create, mesh)))
     x = jnp.ones((8, 5, 32))
     with jax.set_mesh(mesh):
-        y = jax.jit(lambda x: parallel.with_logical_constraint(2 * x, ("batch", None, "embed")))(x)
+        y = jax.jit(lambda x: axes.with_logical_constraint(2 * x, ("batch", None, "embed")))(x)
     return {
         "query_spec": _spec(sharded["query.kernel"].get_value().sharding.spec),
         "init_max_diff": max(float(np.abs(sharded[k].get_value() - eager[k].get_value()).max()) for k in eager),
@@ -166,9 +168,7 @@ def facts() -> dict:
 @pytest.mark.long
 def test_make_mesh_resolves_shapes_on_8_devices(facts):
     resolved = {shape: facts["mesh"]["good"][str(shape)] for shape in GOOD_SHAPES}
-    assert resolved == {
-        shape: dict(zip(parallel.MESH_AXES, sizes, strict=True)) for shape, sizes in GOOD_SHAPES.items()
-    }
+    assert resolved == {shape: dict(zip(axes.MESH_AXES, sizes, strict=True)) for shape, sizes in GOOD_SHAPES.items()}
 
 
 @pytest.mark.long
@@ -185,7 +185,7 @@ def test_parameters_are_sharded_as_the_rules_say(facts, name):
     spec, shape = EXPECTED[name]
     fact = facts["placement"][name]
     assert fact["spec"] == list(spec) and fact["shape"] == list(shape)
-    sizes = dict(zip(parallel.MESH_AXES, (2, 2, 2), strict=True))
+    sizes = dict(zip(axes.MESH_AXES, (2, 2, 2), strict=True))
     assert fact["shard"] == [n // (sizes[axis] if axis else 1) for n, axis in zip(shape, spec, strict=True)]
 
 
@@ -238,14 +238,14 @@ def test_make_mesh_on_this_process():
 
 
 def test_rules_from_config_override_the_defaults():
-    rules = parallel.logical_rules([("embed", None), ["mlp", ["fsdp", "tensor"]]])
+    rules = axes.logical_rules([("embed", None), ["mlp", ["fsdp", "tensor"]]])
     assert rules[:2] == (("embed", None), ("mlp", ("fsdp", "tensor")))
-    assert dict(rules)["heads"] == "tensor" and len(dict(rules)) == len(parallel.DEFAULT_RULES)
-    assert parallel.logical_spec(("embed", "mlp"), (32, 64), _abstract_mesh((2, 2, 2)), rules) == PartitionSpec(
+    assert dict(rules)["heads"] == "tensor" and len(dict(rules)) == len(axes.DEFAULT_RULES)
+    assert axes.logical_spec(("embed", "mlp"), (32, 64), _abstract_mesh((2, 2, 2)), rules) == PartitionSpec(
         None, ("fsdp", "tensor")
     )
     with pytest.raises(ValueError, match="model"):
-        parallel.logical_rules([("embed", "model")])
+        axes.logical_rules([("embed", "model")])
 
 
 def test_indivisible_dimensions_are_replicated():
@@ -291,7 +291,7 @@ def test_batch_sharding_and_divisibility():
 
 def test_logical_constraint_is_a_no_op_without_a_mesh():
     x = jnp.ones((4, 32))
-    assert parallel.with_logical_constraint(x, ("batch", "embed")) is x
+    assert axes.with_logical_constraint(x, ("batch", "embed")) is x
 
 
 CLUSTER_VARIABLES = (

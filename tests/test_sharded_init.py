@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from contextblip_jax import best, checkpoint, parallel, train, trainconfig, weights
+from contextblip_jax import parallel, runconfig, stages, storage, train
+from contextblip_jax.checkpoints import best, run_state, weights
 from contextblip_jax.convert import directory, load_contextblip
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.layers import dotted_path
@@ -95,7 +96,7 @@ def _draw_temporaries(mesh: jax.sharding.Mesh) -> dict[str, int]:
         return call
 
     def temporaries(init: str) -> int:
-        model_config = dataclasses.replace(trainconfig.model_config(config), init=init)
+        model_config = dataclasses.replace(runconfig.model_config(config), init=init)
         del sizes[:]
         parallel.init_sharded(lambda: ContextBLIP(model_config, rngs=nnx.Rngs(config.seed)), mesh)
         (size,) = sizes  # one jitted draw
@@ -128,7 +129,8 @@ def _facts(workdir: str) -> dict:
     def build(source: str, **overrides) -> tuple[dict, train.TrainState]:
         config = run_config(os.path.join(workdir, "data"), mesh=MESH, **overrides)
         del host_puts[:], models[:]
-        _, state = train.initial_state(config, trainconfig.check(config), mesh, os.path.join(workdir, source), 1)
+        config = runconfig.prepare(config)
+        _, state = train.initial_state(config, stages.get(config.stage), mesh, os.path.join(workdir, source), 1)
         moments = {
             jax.tree_util.keystr(path): leaf
             for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
@@ -146,7 +148,7 @@ def _facts(workdir: str) -> dict:
     facts["random"], state = build("random")
     saved = {**state.trainable, **state.frozen}
     previous = os.path.join(workdir, "random")
-    runs = checkpoint.RunCheckpoints(previous)
+    runs = run_state.RunCheckpoints(previous)
     runs.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
     runs.close()
     keeper = best.BestKeeper(previous, best.Criterion())
@@ -183,7 +185,7 @@ def facts(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def axes() -> dict[str, tuple]:
     """Every parameter's logical axes, by dotted name."""
-    model = nnx.eval_shape(lambda: ContextBLIP(trainconfig.model_config(run_config("unused")), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: ContextBLIP(runconfig.model_config(run_config("unused")), rngs=nnx.Rngs(0)))
     return {
         dotted_path(path): tuple(var.get_metadata().get("out_sharding") or ())
         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
@@ -255,7 +257,7 @@ def test_random_initialisation_is_the_eager_one_within_an_ulp(facts):
     XLA compiles the draws' scaling as one program, see `parallel.init_sharded`)."""
     _, drawn, _ = weights.run_params(os.path.join(facts["workdir"], "random"), "latest")
     config = run_config("unused")
-    eager = nnx.state(ContextBLIP(trainconfig.model_config(config), rngs=nnx.Rngs(config.seed)), nnx.Param)
+    eager = nnx.state(ContextBLIP(runconfig.model_config(config), rngs=nnx.Rngs(config.seed)), nnx.Param)
     for path, variable in nnx.to_flat_state(eager):
         np.testing.assert_array_max_ulp(drawn[dotted_path(path)], np.asarray(variable.get_value()), maxulp=1)
 
@@ -268,7 +270,7 @@ def test_a_blip_folder_builds_in_its_shards_as_load_contextblip_builds_it(tmp_pa
     """A converted BLIP folder at another resolution: the BLIP parameters as `load_contextblip` reads them (the
     position embeddings resampled on the host), the parts BLIP lacks drawn as it draws them, within an ulp."""
     config = run_config("unused", model__blip__vision__image_size=48, init=str(tmp_path / "blip"))
-    model = ContextBLIP(trainconfig.model_config(run_config("unused")), rngs=nnx.Rngs(5))
+    model = ContextBLIP(runconfig.model_config(run_config("unused")), rngs=nnx.Rngs(5))
     flat = {dotted_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     given = {name.removeprefix("blip."): value for name, value in flat.items() if name.startswith("blip.")}
     directory.write_converted(
@@ -290,7 +292,7 @@ def test_a_blip_folder_builds_in_its_shards_as_load_contextblip_builds_it(tmp_pa
 @pytest.mark.parametrize("damage", ["truncated arrays", "garbled config"])
 def test_a_damaged_converted_folder_given_to_init_is_refused_naming_it(tmp_path, damage):
     config = run_config("unused", init=str(tmp_path / "converted"))
-    model = nnx.eval_shape(lambda: ContextBLIP(trainconfig.model_config(config), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: ContextBLIP(runconfig.model_config(config), rngs=nnx.Rngs(0)))
     params = {dotted_path(p): np.zeros(v.shape, np.float32) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     directory.write_converted(
         config.init, config_json=model.config.to_json(), params=params,
@@ -301,7 +303,7 @@ def test_a_damaged_converted_folder_given_to_init_is_refused_naming_it(tmp_path,
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         (tmp_path / "converted" / directory.CONFIG_FILE).write_text('{"vision": ')
-    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"{config.init}.*convert them again"):
+    with pytest.raises(storage.DamagedCheckpointError, match=f"{config.init}.*convert them again"):
         weights.initial_model(config)
 
 

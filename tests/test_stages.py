@@ -20,8 +20,8 @@ from contextblip_jax import stages
 from contextblip_jax.models.config import AdapterConfig
 from contextblip_jax.models.contextblip import ContextBLIP, set_dropout
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.step import TrainState, make_train_step, micro_batch_groups, split_model
-from contextblip_jax.trainconfig import base_config
+from contextblip_jax.runconfig.defaults import base_config
+from contextblip_jax.training.step import TrainState, make_train_step, micro_batch_groups, split_model
 from tests.tiny import stage_batch, tiny_contextblip
 
 
@@ -151,10 +151,10 @@ def test_micro_batch_groups_are_the_batch_shards():
 def test_the_train_step_gives_the_loss_its_micro_batch_groups_and_stage_one_uses_them():
     model = ContextBLIP(CONFIG, rngs=nnx.Rngs(0))
 
-    def record(model: ContextBLIP, batch: stages.Batch, key: jax.Array, config: Any):
+    def record(model: ContextBLIP, batch: stages.Batch, key: jax.Array, config: Any, groups: int = 1):
         """A loss that only reports the groups the step handed it."""
-        del model, key
-        return 0.0 * batch["x"].sum(), {"groups": jnp.float32(config.get("negative_groups", 1))}
+        del model, key, config
+        return 0.0 * batch["x"].sum(), {"groups": jnp.float32(groups)}
 
     recording = dataclasses.replace(stages.get("finetune"), loss=record)
     spec, trainable, frozen = split_model(model, recording.trainable_filter())
@@ -165,10 +165,9 @@ def test_the_train_step_gives_the_loss_its_micro_batch_groups_and_stage_one_uses
         assert float(jax.jit(step)(state, {"x": jnp.zeros((8, 1))})[1]["groups"]) == groups
 
     pretrain, config = stages.get("pretrain"), base_config().loss
-    config.negative_groups = 2
-    jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain), key, config)[0], jax.random.key(0))
+    jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain), key, config, 2)[0], jax.random.key(0))
     with pytest.raises(ValueError, match="cannot be split into 2 equal blocks"):
-        jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain, 3), key, config)[0], jax.random.key(0))
+        jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain, 3), key, config, 2)[0], jax.random.key(0))
     config.tmim_token = "word"
     with pytest.raises(ValueError, match="TMIM text token 'word' unknown"):
-        jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain), key, config)[0], jax.random.key(0))
+        jax.eval_shape(lambda key: pretrain.loss(model, batch(pretrain), key, config, 2)[0], jax.random.key(0))

@@ -17,10 +17,11 @@ import sys
 import numpy as np
 import pytest
 
-from contextblip_jax import train, weights
-from contextblip_jax.data import inputs
-from contextblip_jax.evaluators import ImageCodeEvaluator, mmvp_accuracy, scorer
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax import runconfig, train
+from contextblip_jax.checkpoints import weights
+from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
+from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
+from contextblip_jax.training.telemetry import read_metrics
 from tests.runs import ROOT, device_env, run_config, train_command
 
 
@@ -39,6 +40,22 @@ def run(command: list[str], env: dict | None = None, timeout: int = 600) -> subp
 
 def train_losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["split"] == "train"}
+
+
+def test_the_summary_names_the_best_row_the_keeper_kept_under_any_criterion(tmp_path, data_root):
+    """With `best.mode=min`, and over a resume, the summary names the row `W/best.json` names: the lowest
+    accuracy of every evaluation of the run (the first of equal ones), including those before the resume. (Validation
+    rows carry no loss, so the criterion that differs from the default is accuracy minimised.)"""
+    workdir = str(tmp_path / "w")
+    train.train(run_config(data_root, total_steps=2, eval_every=1, best__mode="min"), workdir)
+    result = train.train(run_config(data_root, total_steps=4, eval_every=1, best__mode="min"), workdir)
+    rows = [r for r in read_metrics(workdir) if r["split"] == "valid"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    lowest = min(rows, key=lambda r: r["acc"])
+    with open(os.path.join(workdir, "best.json")) as f:
+        kept = json.load(f)
+    assert kept["step"] == lowest["step"]
+    assert result["best"] == {"valid": kept["row"]}
 
 
 @pytest.mark.long
@@ -139,7 +156,7 @@ def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, da
 
 
 def step_one_params(workdir: str) -> dict[str, np.ndarray]:
-    from contextblip_jax.checkpoint import RunCheckpoints
+    from contextblip_jax.checkpoints.run_state import RunCheckpoints
 
     checkpoints = RunCheckpoints(workdir)
     try:
@@ -191,7 +208,9 @@ def test_all_stages_chain_on_synthetic_data(tmp_path, data_root):
     assert {"itm", "tmim"} <= set(read_metrics(s1)[-1])
     zeroshot = run_config(data_root, stage="zeroshot", init=s1)
     scoring = scorer(zeroshot, str(tmp_path / "zs"))
-    row = ImageCodeEvaluator(inputs.data_config(zeroshot, train=False), "valid", scoring.mesh).run(scoring.predict, 0)
+    row = ImageCodeEvaluator(runconfig.data_config(zeroshot, train=False), "valid", scoring.mesh).run(
+        scoring.predict, 0
+    )
     assert 0 <= row["acc"] <= 1 and row["descriptions"] > 0
     assert weights.initial_model(run_config(data_root, init=s1))[1] == f"step 2 of {s1} (latest: it has no best.json)"
     train.train(run_config(data_root, total_steps=2, init=s1), s2a)

@@ -6,4 +6,7 @@ sweep.py        descriptions and devices sweeps, a benchmark process per point
 plots.py        a sweep's PNG plot
 inputs.py       the grain pipeline's images/s at the step's batch shape
 profile.py      one traced JAX call: time per kind of XLA operation
+
+Imports, for every module here: each other and `compile`, `convert`, `data`, `models`, `parallel`, `runconfig`,
+`stages`, `training`.
 """

@@ -31,8 +31,11 @@ serves the torch rows), the achieved TFLOP/s and MFU against the device's peak (
 better of JAX's and, when PyTorch runs, PyTorch's 2048^3 float32 matmul in the same process), the memory figures
 and `ratio_vs_torch` (images/s over PyTorch eager's) on the JAX row. Weights and inputs are random. The process
 keeps freed host memory for reuse, as the trainer does (`hostmem.py`), for all frameworks alike. On a CPU, run
-it on an otherwise idle machine: PyTorch's OpenMP threads spin while they wait, and on shared cores a tiny
-model's step took 3 s instead of 25 ms.
+it on an otherwise idle machine: PyTorch's OpenMP threads spin while they wait, and on shared cores that
+slows a small model's step by orders of magnitude.
+
+Imports: its own package (`benchmark`), `compile`, `models`, `stages`, `training`; a command (it defines flags), so
+no module imports it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from contextblip_jax import hardware, hostmem, stages
+from contextblip_jax import stages
 from contextblip_jax.benchmark import plots, profile, sweep
 from contextblip_jax.benchmark.inputs import input_row
 from contextblip_jax.benchmark.jax_steps import (
@@ -56,8 +59,10 @@ from contextblip_jax.benchmark.jax_steps import (
     prepare,
     random_batch,
 )
+from contextblip_jax.compile import hardware
 from contextblip_jax.models.contextblip import REMAT_TOWERS
 from contextblip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from contextblip_jax.training import hostmem
 
 FRAMEWORKS = ("torch", "torch_compile")
 

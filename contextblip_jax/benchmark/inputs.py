@@ -5,6 +5,8 @@ training on the machine at hand.
 The pipeline reads a temporary ImageCoDe-layout folder of photo-like JPEGs (`data/benchmark.py`: crops of a
 bundled photograph at 640 x 480, quality 90; real ImageCoDe photos are larger and cost more to decode), without
 training augmentation, with `workers` grain processes.
+
+Imports: its own package (`benchmark`), `data`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The JAX side of the benchmark: the trainer's own jitted steps (`programs.build`), compiled and called on a random
 batch, with XLA's figures for the compiled program.
 
-Imports: the model and its variant table, the stage table, the steps and their programs, the base config.
+Imports: its own package (`benchmark`), `compile`, `models`, `parallel`, `runconfig`, `stages`, `training`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from contextblip_jax import hardware, parallel, programs, stages
+from contextblip_jax import parallel, runconfig, stages
+from contextblip_jax.compile import hardware
 from contextblip_jax.models.config import ContextBLIPConfig
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.step import TrainState
-from contextblip_jax.trainconfig import base_config
+from contextblip_jax.runconfig.defaults import base_config
+from contextblip_jax.training import programs
+from contextblip_jax.training.step import TrainState
 
 PRESETS: dict[str, ContextBLIPConfig] = {
     "tiny": VARIANTS["tiny"],
@@ -137,7 +139,7 @@ def run_config(setup: Setup) -> ml_collections.ConfigDict:
     config = base_config()
     config.remat = list(setup.remat)
     config.attention = setup.attention
-    return config
+    return runconfig.prepare(config, data=False, weights=False)
 
 
 def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = False) -> tuple[Prepared, dict]:

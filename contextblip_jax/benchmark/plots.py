@@ -2,6 +2,8 @@
 images/s and its efficiency against linear scaling over simulated devices.
 
 Imports matplotlib only when a plot is drawn, with the Agg backend: no display is needed.
+
+Imports: its own package (`benchmark`) only.
 """
 
 from __future__ import annotations

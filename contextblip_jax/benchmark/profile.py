@@ -5,6 +5,8 @@ On a CPU, XLA's per-operation events exist only with `--xla_cpu_enable_xprof_tra
 adds before the backend starts. Kinds are the operation names without their numbering (`ynn_fusion.420` counts as
 `ynn_fusion`: a matrix product handed to YNNPACK; `dot`: one XLA emits itself). Operations on different threads
 may overlap, so the kinds can add up to more than the call's wall time.
+
+Imports: its own package (`benchmark`) only.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ time ends the sweep with a reason instead of taking the sweep down with it.
 
 Every row is one JSON object with `sweep` (the kind) and `sweep_value` (descriptions or devices); a point that
 failed is a row with `failure` (the child's last error line, or the time limit).
+
+Imports: its own package (`benchmark`) only.
 """
 
 from __future__ import annotations

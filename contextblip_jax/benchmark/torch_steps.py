@@ -7,8 +7,7 @@ model and optimizer shared by both).
 It holds the JAX model's own weights: each BLIP tensor is filled through the converter's rules run backwards
 (a rule moves entries, so applying it to an array of source indices says where every entry came from).
 
-Imports: torch and transformers (development dependencies, imported by this module only), the model configs and
-the converter's rules.
+Imports: its own package (`benchmark`), `compile`, `convert`, `models`, `runconfig`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import transformers
 from absl import logging
 from torch import nn
 
-from contextblip_jax import hardware
+from contextblip_jax.compile import hardware
 from contextblip_jax.convert.mapping import blip_rules
 from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
 
@@ -227,7 +226,7 @@ def prepare(
     its weights go back to `params` and the optimizer forgets its moments first, so that this side's first
     output, which the benchmark compares with JAX's, starts from the same weights as every other side's."""
     from contextblip_jax.benchmark.jax_steps import Prepared
-    from contextblip_jax.trainconfig import base_config
+    from contextblip_jax.runconfig.defaults import base_config
 
     measure = "train" if setup.train else "eval"
     if (measure, setup.stage) not in PORTED:

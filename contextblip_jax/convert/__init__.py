@@ -3,8 +3,10 @@
 `load_blip` and `load_contextblip` for code (`read_contextblip` for a model built in its shards, `weights.py`),
 `python -m contextblip_jax.convert` for files.
 
-Modules here import the model configs and modules, `checkpoint.py` (Orbax) and each other; PyTorch is
+Modules here import the model configs and modules, `run_state.py` (Orbax) and each other; PyTorch is
 imported only where a pickle is read.
+
+Imports, for every module here: each other and `data`, `models`, `storage`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from contextblip_jax import checkpoint
+from contextblip_jax import storage
 from contextblip_jax.convert import directory
 from contextblip_jax.convert.blip import build_model
 from contextblip_jax.convert.contextblip import build_contextblip
@@ -28,7 +30,7 @@ from contextblip_jax.models.vit import resample_posemb
 
 __all__ = ["ConversionError", "itm_first_token", "load_blip", "load_contextblip", "read_contextblip"]
 
-ShardingsFor = Callable[[ContextBLIPConfig], checkpoint.Shardings]
+ShardingsFor = Callable[[ContextBLIPConfig], storage.Shardings]
 """A ContextBLIP architecture -> its parameters' shardings by dotted name (`read_contextblip`)."""
 
 
@@ -134,7 +136,7 @@ def _read(
         if resampled:
             del wanted[name]
         params_dir = os.path.join(path, directory.PARAMS_DIR)
-        params = _damage_named(path, lambda: checkpoint.restore_params(params_dir, wanted))
+        params = _damage_named(path, lambda: storage.restore_params(params_dir, wanted))
     if resampled:
         params[name] = resample_posemb(params[name], image_size // blip.vision.patch_size)
     return config, params, metadata
@@ -153,7 +155,7 @@ def _damage_named(path: str, read: Callable[[], Any]) -> Any:
     try:
         return read()
     except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
-        raise checkpoint.DamagedCheckpointError(
-            f"the converted weights in {path} do not read back ({checkpoint.read_failure(error)}); convert them again "
+        raise storage.DamagedCheckpointError(
+            f"the converted weights in {path} do not read back ({storage.read_failure(error)}); convert them again "
             "(python -m contextblip_jax.convert)"
         ) from error

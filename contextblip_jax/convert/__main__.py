@@ -6,6 +6,8 @@
 SRC: a Hugging Face BLIP folder, a `.safetensors` / `.bin` file, an original salesforce/BLIP `.pth`, or one of
 the ContextBLIP authors' stage checkpoints. Every missing, unused or mis-shaped key is reported by name and
 nothing is written to DIR.
+
+Imports: its own package (`convert`), `models`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations

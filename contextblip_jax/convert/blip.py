@@ -1,6 +1,8 @@
 """PyTorch BLIP checkpoint -> checked, re-laid-out parameters for `BlipRetrieval`, and back into a model.
 
 Nothing is written or built until every key and shape has been checked; all problems are reported at once.
+
+Imports: its own package (`convert`), `models`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ The authors' files (github.com/LHL3341/ContextBLIP) come in three shapes, told a
 The `blip.` wrappers are stripped, BLIP's original names renamed to Hugging Face's, and every part the stage
 holds is mapped by name; parts it does not hold (TMIM after pre-training, the heads before fine-tuning) start
 from a fresh initialisation and are listed in the conversion report.
+
+Imports: its own package (`convert`), `models`.
 """
 
 from __future__ import annotations

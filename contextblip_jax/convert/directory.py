@@ -8,6 +8,8 @@ DIR/params/             Orbax checkpoint of the flat parameter dict
 DIR/tokenizer/          the source's tokenizer files, when it had any
 ```
 The folder is assembled beside DIR and renamed into place, so a failed conversion leaves no DIR behind.
+
+Imports: its own package (`convert`), `models`, `storage`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from contextblip_jax import checkpoint
+from contextblip_jax import storage
 from contextblip_jax.convert.blip import to_dtype
 from contextblip_jax.convert.sources import TOKENIZER_FILES
 from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
@@ -62,7 +64,7 @@ def write_converted(
             json.dump(dict(metadata), f, indent=2, sort_keys=True)
         if tokenizer_dir:
             _copy_tokenizer(tokenizer_dir, os.path.join(staging, TOKENIZER_DIR))
-        checkpoint.save_params(os.path.join(staging, PARAMS_DIR), to_dtype(params, metadata["dtype"]))
+        storage.save_params(os.path.join(staging, PARAMS_DIR), to_dtype(params, metadata["dtype"]))
         shutil.rmtree(output, ignore_errors=True)
         os.replace(staging, output)
     finally:
@@ -78,10 +80,10 @@ def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str,
         config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
         with open(os.path.join(path, CONFIG_FILE)) as f:
             config = config_class.from_json(f.read())
-        params = checkpoint.restore_params(os.path.join(path, PARAMS_DIR))
+        params = storage.restore_params(os.path.join(path, PARAMS_DIR))
     except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
-        raise checkpoint.DamagedCheckpointError(
-            f"the converted weights in {path} do not read back ({checkpoint.read_failure(error)}); convert them again "
+        raise storage.DamagedCheckpointError(
+            f"the converted weights in {path} do not read back ({storage.read_failure(error)}); convert them again "
             "(python -m contextblip_jax.convert)"
         ) from error
     return config, params, metadata

@@ -6,6 +6,8 @@
 | authors' ContextBLIP file      | refused             | ContextBLIP: every part the file holds, rest fresh |
 
 `target="auto"` picks `contextblip` for the authors' files and `blip` otherwise.
+
+Imports: its own package (`convert`), `models`.
 """
 
 from __future__ import annotations

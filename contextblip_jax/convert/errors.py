@@ -1,4 +1,7 @@
-"""The one error type conversion raises: it names the file and every problem found, not only the first."""
+"""The one error type conversion raises: it names the file and every problem found, not only the first.
+
+Imports: its own package (`convert`) only.
+"""
 
 from __future__ import annotations
 

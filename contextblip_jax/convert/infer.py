@@ -4,6 +4,8 @@ Original salesforce/BLIP files carry no config, so widths, depths, patch and ima
 tensors; heads are taken 64 wide, as in every BLIP checkpoint (`--model-config` overrides). Fields that the
 tensors determine are cross-checked against any given config, so a contradiction is an error, not a
 silently wrong model.
+
+Imports: its own package (`convert`), `models`.
 """
 
 from __future__ import annotations

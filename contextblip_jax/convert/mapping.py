@@ -3,6 +3,8 @@
 PyTorch Linear weights are (out, in); our kernels are (in, out) with attention heads as their own axes
 (`[embed] -> [heads, head_dim]`). The ViT's fused qkv rows (q | k | v) are split into three kernels, the same
 layout the text tower uses. Conv weights go from (O, I, kh, kw) to (kh, kw, I, O).
+
+Imports: its own package (`convert`), `models`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ stripped, and the known extras to drop.
 
 Everything downstream speaks Hugging Face names, so the original `.pth` files and the authors' files need only
 `canonical`.
+
+Imports: its own package (`convert`) only.
 """
 
 from __future__ import annotations

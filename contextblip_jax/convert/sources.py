@@ -7,6 +7,8 @@ file that needs code execution is refused; torch is imported only for pickles.
 
 Every file may be hostile or damaged: whatever it holds, reading it either succeeds or raises a ConversionError
 naming it (tests/convert/test_hostile_files.py fuzzes each reader).
+
+Imports: its own package (`convert`), `data`.
 """
 
 from __future__ import annotations
@@ -186,11 +188,11 @@ def _config_beside(path: str) -> dict[str, Any] | None:
 
 def _read_hf_config(path: str) -> dict[str, Any]:
     """A Hugging Face `config.json`, with the sections `infer.config_from_hf` reads as objects (or null)."""
-    config = _read_json(path)
-    wrong = [key for key in ("vision_config", "text_config") if not isinstance(config.get(key), dict | None)]
+    hf = _read_json(path)
+    wrong = [key for key in ("vision_config", "text_config") if not isinstance(hf.get(key), dict | None)]
     if wrong:
         raise ConversionError(path, [f"{key} must be a JSON object" for key in wrong])
-    return config
+    return hf
 
 
 def _read_json(path: str) -> dict[str, Any]:

@@ -17,4 +17,6 @@ errors.py      DataError and the raise-or-skip policy
 
 Modules here import only each other, except `inputs.py`, which reads the stage table to know what a stage's
 batches hold.
+
+Imports, for every module here: each other only.
 """

@@ -16,6 +16,8 @@ untouched), then BLIP's `RandomAugment(2, 5)` over its 10 ops with BLIP's formul
 channel whose minimum is above 0, see `_blip_autocontrast`).
 
 All randomness comes from the `np.random.Generator` the pipeline passes in, so a seed reproduces every draw.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

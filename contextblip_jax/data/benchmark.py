@@ -8,6 +8,8 @@ a probe of the machine's speed at that moment (shared CPUs vary from run to run)
 Without `--root` it writes a temporary ImageCoDe-layout folder of photo-like JPEGs (crops of matplotlib's bundled
 Grace Hopper photograph at `--photo_size`, quality 90), because the generated shape images are far cheaper to
 decode than real ImageCoDe photos and video frames; `--synthetic` measures the CPU main job's generated data.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Entries are grouped per image. By default one example is one image with all its 
 draws one caption per visit: each image once per epoch, and records store each JPEG once. `per_caption` makes
 one example per (image, caption) pair instead, as the authors' `pretrain_dataset` iterates: an epoch is then
 one pass over the captions.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The dataset doctor: checks a downloaded ImageCoDe folder once, fully, and lists every damaged set.
 
-Users run it after the 14 GB download (`python -m contextblip_jax.data.imagecode --root=PATH`) so that a training
+Users run it after the 14 GB download (`python -m contextblip_jax.data.doctor --root=PATH`) so that a training
 run does not stop hours in on a truncated image. Unlike the reader, which stops at the first problem or skips it,
 the doctor keeps going and reports all of them: per split the numbers of sets, descriptions, video and static
 descriptions; every image must exist and decode as a JPEG, every set must have 10 images, every target be 0-9.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,3 +132,22 @@ def diagnose(root: str, splits: Sequence[str] = tuple(imagecode.SPLIT_FILES), wo
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:  # PIL releases the GIL while decoding
         problems += [p for p in pool.map(lambda job: _check_image(*job), to_decode) if p is not None]
     return Report(root, counts, problems)
+
+
+def _main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    splits = [s for s in _SPLITS.value if s]
+    report = diagnose(_ROOT.value, splits=splits, workers=_WORKERS.value)
+    print(json.dumps(report.summary(), indent=2))
+    if report.problems:
+        sys.exit(report.failure_message())
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _ROOT = flags.DEFINE_string("root", None, "ImageCoDe folder (train_data.json, ..., image-sets/).", required=True)
+    _SPLITS = flags.DEFINE_list("splits", list(imagecode.SPLIT_FILES), "Splits whose files must exist and are checked.")
+    _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Threads decoding images.")
+    app.run(_main)

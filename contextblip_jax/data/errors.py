@@ -3,6 +3,8 @@
 Datasets of 100k files always hold a few damaged ones. `on_error="raise"` (the default) stops at the first
 with a message a user can act on; `on_error="skip"` (`config.data.on_error`) drops the damaged examples and
 counts them in the logs, so that nothing is silently wrong either way.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

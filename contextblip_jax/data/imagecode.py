@@ -12,8 +12,9 @@ number (img0, img7, img19, ...), so `img{target}.jpg` is usually not the target,
 temporal order for the inter-context encoder. A set is static iff its name contains `open-images`.
 
 `ImageCodeSource` is the direct grain source over the folder (no build step); `records.py` writes the same
-examples to array_record files. Run `python -m contextblip_jax.data.imagecode --root=PATH` to check a download
-(the dataset doctor, `doctor.py`).
+examples to array_record files. Run `python -m contextblip_jax.data.doctor --root=PATH` to check a download.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -247,24 +247,3 @@ class ImageCodeSource:
 
     def __repr__(self) -> str:
         return f"ImageCodeSource(root={self.root!r}, split={self.split!r}, examples={len(self)})"
-
-
-def _main(argv: Sequence[str]) -> None:
-    from contextblip_jax.data import doctor
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    splits = [s for s in _SPLITS.value if s]
-    report = doctor.diagnose(_ROOT.value, splits=splits, workers=_WORKERS.value)
-    print(json.dumps(report.summary(), indent=2))
-    if report.problems:
-        sys.exit(report.failure_message())
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    _ROOT = flags.DEFINE_string("root", None, "ImageCoDe folder (train_data.json, ..., image-sets/).", required=True)
-    _SPLITS = flags.DEFINE_list("splits", list(SPLIT_FILES), "Splits whose files must exist and are checked.")
-    _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Threads decoding images.")
-    app.run(_main)

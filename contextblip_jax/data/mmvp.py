@@ -7,6 +7,8 @@ scores its own image above the other one; statements are prefixed "a photo of " 
 `read_pairs(..., pre_caption_words=N)` cleans the prefixed statements with `pre_caption` like every other text
 of a run with `data.pre_caption_words` N (the authors' BLIP baseline script cleans MMVP statements; their
 ContextBLIP one does not).
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

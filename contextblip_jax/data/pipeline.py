@@ -22,6 +22,8 @@ Order of operations, and why:
 The batch sequence is a function of the data, the seed and the host count; resuming needs the same three.
 Because batches are fixed sets of positions, a training example whose image fails to decode under
 `on_error="skip"` is replaced by the next decodable example of the source (logged and counted), not dropped.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

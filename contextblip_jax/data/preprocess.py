@@ -7,6 +7,8 @@ Hugging Face's processor keeps `[CLS]`. Both are offered.
 
 Images are stored as JPEG bytes and decoded here, in the input pipeline's workers; a file that is not a JPEG or
 is truncated raises a `DataError` naming the file and its set. Training augmentation lives in `augment.py`.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ ImageCoDe stores one record per description with its set's 10 JPEGs in target-in
 descriptions thus store their images 2-3 times (train: about 2.3x the image folder); in exchange every record is
 a complete example, which is what global shuffling over descriptions needs. Captions store one record per image
 with all its captions. Records keep the direct sources' order (`disable_shuffling`), so record i is example i.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ the set, then words it with `text`.
 |              |        |                                                       | the blue circle")                 |
 | `timeline`   | video  | shapes of two kinds appear and disappear, one change  | the moment in time ("just after   |
 |              |        | per frame, no state seen twice                        | the second red square appears")   |
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

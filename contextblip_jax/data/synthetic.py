@@ -15,6 +15,8 @@ Each set draws from its own generator, `np.random.default_rng([seed, set number]
 another (`[seed, set number, 1]`): the same arguments write the same bytes, and `sample_sets` gives the scene
 records without rendering anything. `ensure` caches a folder behind a manifest (`synthetic.json`: generator
 version and arguments), so that a folder written by another version or with other arguments is never reused.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ first `max_words` space-separated words are kept. Text made only of removed char
 Their stage-1 reader uses BLIP's `data/utils.pre_caption` instead, which differs: it replaces `.!"()*#:;~` with
 spaces and keeps `,'?-/`. `rules` picks one: "albef" (fine-tuning, evaluation) or "blip" (stage 1), the run-config
 key `data.pre_caption_rules`.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ The element `{"example_id": -1}` is padding (evaluation pads the last global bat
 of the source (batches are fixed sets of positions, see pipeline.py) and turned into padding in evaluation, so
 every host still yields the same number of full batches; each skip is logged and counted. An image deleted or
 damaged while a run is in progress is met here too: sources hand read errors on as `errors.unreadable_record`.
+
+Imports: its own package (`data`) only.
 """
 
 from __future__ import annotations

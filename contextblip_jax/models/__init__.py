@@ -2,6 +2,8 @@
 
 Modules here import only each other and `losses.py`: a model never knows about data, configs of runs,
 sharding meshes or checkpoints.
+
+Imports, for every module here: each other and `losses`.
 """
 
 from contextblip_jax.models.blip import BlipRetrieval

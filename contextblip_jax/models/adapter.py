@@ -7,6 +7,8 @@ LayerNorm: `out = x + ReLU(concat_k ReLU(LN(h_k) W_down_k) W_up)`, no biases, no
 The optional depthwise-convolution branch (off by default; the authors' code has none) covers the reading of
 the paper as "multi-scale convolutions": convolutions over the patch grid at a few kernel sizes, added to the
 same residual. It works on any subset of patches (TMIM's visible ones) by scattering them onto the grid.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Images are float32 NHWC, already resized and normalised (see `data/preprocess.py`). Token ids are used
 exactly as given.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

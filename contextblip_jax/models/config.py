@@ -2,6 +2,8 @@
 
 They are plain frozen dataclasses so that a converted checkpoint can carry its architecture as JSON and a
 model can be rebuilt from that JSON alone, with no PyTorch and no Hugging Face config classes.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

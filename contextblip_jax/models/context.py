@@ -9,6 +9,8 @@ Both compute in float32 at full matmul precision whatever the model's compute dt
 set are near-identical frames, and bfloat16 logits (spacing 0.016 to 0.03 between 2 and 8) tie or reorder them.
 The authors' head is a float32 `nn.Linear` on float32 features. The encoder is a few layers over 10 tokens per
 description, a negligible cost beside the towers.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
 Which parameters train in a stage is data, not code: `stages.py` holds each stage's pattern over dotted parameter
 paths and `trainable_filter(pattern)` turns it into an NNX filter, so no stage needs code of its own to freeze
 anything.
+
+Imports: its own package (`models`), `losses`.
 """
 
 from __future__ import annotations
@@ -61,15 +63,36 @@ at the cost of the score matrices (the `cudnn` attention kernel is no dot produc
 policy)."""
 
 
+def check_runtime(
+    remat: tuple[str, ...] = (),
+    remat_policy: str = "full",
+    attention: str = "einsum",
+    dtype: str | None = None,
+    text_dropout: float = 0.0,
+    tmim_dropout: float = 0.0,
+) -> None:
+    """The runtime switches' allowed values, in one place: the setters below check their arguments here, and a run
+    config is checked here before any model is built (`runconfig.checks`). `dtype`, when given, is the compute
+    dtype the attention will run in."""
+    unknown = sorted(set(remat) - set(REMAT_TOWERS))
+    if unknown:
+        raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {remat_policy!r} unknown; choose from {tuple(REMAT_POLICIES)}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention {attention!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    if attention == "cudnn" and dtype is not None and dtype not in ("bfloat16", "float16"):
+        raise ValueError(f"attention 'cudnn' needs dtype bfloat16 or float16, not {dtype}")
+    for name, rate in (("text", text_dropout), ("tmim", tmim_dropout)):
+        if not 0 <= rate < 1:
+            raise ValueError(f"{name} dropout {rate} must lie in [0, 1)")
+
+
 def set_remat(model: ContextBLIP, towers: list[str] | tuple[str, ...], policy: str = "full") -> None:
     """Rematerialise the blocks of the named towers (`vision`, `text`) in the backward pass, keeping what
     `policy` (`REMAT_POLICIES`) names: a runtime choice, like the compute dtype, so it is set on a built model
     rather than in its config."""
-    unknown = sorted(set(towers) - set(REMAT_TOWERS))
-    if unknown:
-        raise ValueError(f"remat towers {unknown} unknown; choose from {REMAT_TOWERS}")
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"remat policy {policy!r} unknown; choose from {tuple(REMAT_POLICIES)}")
+    check_runtime(remat=tuple(towers), remat_policy=policy)
     model.blip.vision.remat_policy = REMAT_POLICIES[policy] if "vision" in towers else None
     model.blip.text.remat_policy = REMAT_POLICIES[policy] if "text" in towers else None
 
@@ -88,8 +111,7 @@ def set_attention(model: ContextBLIP, implementation: str) -> None:
     Cross-attention keeps the explicit product: TMIM chooses its mask from the cross-attention probabilities.
     Like remat, a runtime choice with the same parameters, so it is set on a built model.
     """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention {implementation!r} unknown; choose from {ATTENTION_IMPLEMENTATIONS}")
+    check_runtime(attention=implementation)
     for block in model.blip.vision.blocks:
         block.attn.implementation = implementation
     for layer in model.blip.text.layers:
@@ -104,9 +126,7 @@ def set_dropout(model: ContextBLIP, text: float, tmim: float) -> None:
     `rngs` (the training losses), never at evaluation. At rate 0 no dropout draws anything, whatever the rngs.
     The inter-context encoder keeps its own rate (`ContextConfig.dropout`).
     """
-    for name, rate in (("text", text), ("tmim", tmim)):
-        if not 0 <= rate < 1:
-            raise ValueError(f"{name} dropout {rate} must lie in [0, 1)")
+    check_runtime(text_dropout=text, tmim_dropout=tmim)
     set_dropout_rate(model.blip.text, text)
     set_dropout_rate(model.tmim.layers, tmim)
 

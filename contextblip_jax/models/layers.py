@@ -5,6 +5,8 @@ metadata; `parallel.py` maps them to mesh axes. Eager sharding is off so that a 
 mesh (conversion, tests); the train step places the state with explicit shardings instead.
 
 Parameters are float32; `dtype` is the compute dtype. Softmax runs in float32 whatever the compute dtype.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def param_key(rngs: nnx.Rngs) -> jax.Array:
 
     `rngs.params()` advances its count with `count[...] = ...`, which under tracing (`nnx.eval_shape`, a jitted
     initialisation) asks the new count for its `sharding`; a tracer answers by searching the whole program traced
-    so far, so building a model traced in time quadratic in its parameters: 27 s for ViT-B's shapes, of which
-    23 s were those searches. Replacing the count's value instead costs nothing, and the keys are the same.
+    so far, so building a model traced takes time quadratic in its parameters, most of it in those searches at
+    ViT-B's size. Replacing the count's value instead costs nothing, and the keys are the same.
     """
     stream = rngs.params
     key = jax.random.fold_in(stream.key[...], stream.count[...])
@@ -166,8 +168,8 @@ def _redraw(
     Each parameter is drawn in its own shape from its own key, so nothing the size of all the targets is built:
     jitted with sharded outputs (`parallel.init_sharded`), each draw is generated in its shards, threefry being
     partitionable. One flat draw sliced over the parameters made XLA materialise the whole draw on every device
-    and reshard each slice through a whole copy (2.9 GB of temporaries per device for B/16's fan_in init on
-    fsdp = 8; 0.13 GB drawn so). Eagerly, each distinct shape compiles its draw once, as `DEFAULT_INIT`'s do."""
+    and reshard each slice through a whole copy: temporaries the size of every target on each device, however
+    the parameters are sharded. Eagerly, each distinct shape compiles its draw once, as `DEFAULT_INIT`'s do."""
     for index, (param, divisor) in enumerate(targets):
         unit = draw(jax.random.fold_in(key, index), tuple(param.shape))
         param[...] = unit / np.float32(divisor)
@@ -225,9 +227,8 @@ ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 probabilities TMIM can read. `xla` and `cudnn`: `jax.nn.dot_product_attention`, which never hands the
 probabilities back, so XLA may fuse them away; `cudnn` is cuDNN's fused (flash) attention kernel on NVIDIA GPUs
 (bfloat16 or float16 only, and no CPU or TPU kernel). Dropout on the probabilities keeps the `einsum` path.
-Measured: on this project's CPU, base zero-shot scoring took 14.0 s with `xla` against 12.6 s with `einsum`
-(median of 5); on an H100 with JAX 0.11.2, `cudnn` refused to train the ViT ("Unsupported sequence length Q 197,
-KV 197": its training kernel wants even lengths), so it is untried beyond that."""
+`einsum` is the default because it is the one TMIM can read and no slower on a CPU; how the others compare on
+accelerators is in `docs/benchmarks/` where it has been measured."""
 
 
 class MultiHeadAttention(nnx.Module):

@@ -12,6 +12,8 @@ split from one draw of the call's stream, so the masks differ from the unrolled 
     x, per_block = run_blocks(self.blocks, x, body, remat_policy=..., scan=True, rngs=rngs)
 
 `body(block, x, rngs) -> (x, y)`: `y` (any pytree, or None) is collected per block, in order.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ built model (`contextblip.set_dropout`); it runs only on calls that pass `rngs`.
 
 The hidden states entering and leaving each layer are constrained to logical axes (batch, length, embed), as
 maxtext constrains its layers': on a mesh (`jax.set_mesh`) they stay split over the batch axes (data × fsdp)
-between layers; without one it is a no-op (`parallel.with_logical_constraint`).
+between layers; without one it is a no-op (`with_logical_constraint`).
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from contextblip_jax import parallel
+from contextblip_jax.models.axes import with_logical_constraint
 from contextblip_jax.models.config import TextConfig
 from contextblip_jax.models.layers import DEFAULT_INIT, Dense, Draws, MultiHeadAttention, activation, layer_norm
 from contextblip_jax.models.stack import run_blocks
@@ -172,4 +174,4 @@ class TextEncoder(nnx.Module):
 
 def _constrain(x: jax.Array) -> jax.Array:
     """Hidden states [B, T, D] between layers: split over the batch on a mesh (module docstring)."""
-    return parallel.with_logical_constraint(x, ("batch", "length", "embed"))
+    return with_logical_constraint(x, ("batch", "length", "embed"))

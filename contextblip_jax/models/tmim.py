@@ -7,6 +7,8 @@ the top `mask_rate` of patches are masked. Because that attention is computed on
 mask moves as the adapter learns. The frozen ViT then encodes CLS + visible patches only (at their original
 positions), the same adapter adapts them, and a BERT-style decoder cross-attending to the text reconstructs the
 normalised pixels of the masked patches. Shapes are static: every example masks the same number of patches.
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

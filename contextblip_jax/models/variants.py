@@ -11,7 +11,7 @@ Parameters count the whole ContextBLIP; TMIM is used in stage 1 only (B/16 witho
 ≈0.24B). Most parameters of the two small variants sit in the 30,524-word embedding table. Other sizes are a
 variant plus overrides (`dataclasses.replace`, or `--config.model.…` on the command line).
 
-Imports: the model configs only.
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ split into patch embedding, CLS token and the block stack because TMIM runs the 
 The tokens entering and leaving each block are constrained to logical axes (batch, length, embed), as
 big_vision's ViT constrains them: on a mesh (`jax.set_mesh`) the hidden states between blocks stay split over
 the batch axes (data × fsdp) whatever GSPMD would infer from the parameters around them; without one it is a
-no-op (`parallel.with_logical_constraint`).
+no-op (`with_logical_constraint`).
+
+Imports: its own package (`models`) only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from contextblip_jax import parallel
+from contextblip_jax.models.axes import with_logical_constraint
 from contextblip_jax.models.config import VisionConfig
 from contextblip_jax.models.layers import (
     DEFAULT_INIT,
@@ -111,7 +113,7 @@ def _apply_block(block: VisionBlock, x: jax.Array, rngs: nnx.Rngs | None) -> tup
 
 def _constrain(x: jax.Array) -> jax.Array:
     """Hidden states [B, tokens, D] between blocks: split over the batch on a mesh (module docstring)."""
-    return parallel.with_logical_constraint(x, ("batch", "length", "embed"))
+    return with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:

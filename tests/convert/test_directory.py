@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contextblip_jax.checkpoint import DamagedCheckpointError
 from contextblip_jax.convert.directory import CONFIG_FILE, PARAMS_DIR, read_converted, write_converted
 from contextblip_jax.models.config import BlipConfig
+from contextblip_jax.storage import DamagedCheckpointError
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from contextblip_jax import storage
 from contextblip_jax.convert import itm_first_token, load_blip
 from tests import blip_factory as bf
 
@@ -122,9 +123,8 @@ def test_bfloat16_storage(reference, tmp_path):
     _spec, _, inputs, expected, folder = reference
     out = tmp_path / "bf16"
     assert run_convert("--input", folder, "--output", str(out), "--dtype", "bfloat16").returncode == 0
-    from contextblip_jax import checkpoint
 
-    stored = checkpoint.restore_params(str(out / "params"))
+    stored = storage.restore_params(str(out / "params"))
     assert {str(v.dtype) for v in stored.values()} == {"bfloat16"}
     f32_size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
     assert sum(v.nbytes for v in stored.values()) < f32_size

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from contextblip_jax import stages
-from contextblip_jax.data import captions, inputs, pipeline
+from contextblip_jax.data import captions, pipeline
 from contextblip_jax.data.errors import DataError
 from contextblip_jax.data.preprocess import BlipTokenizer
+from contextblip_jax.training import inputs
 from tests.data.helpers import write_jpeg
 
 

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run_doctor(root: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "contextblip_jax.data.imagecode", f"--root={root}", *args]
+    command = [sys.executable, "-m", "contextblip_jax.data.doctor", f"--root={root}", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

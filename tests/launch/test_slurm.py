@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax.training.telemetry import read_metrics
 from tests.launch.local_slurm import LocalSlurm, Unavailable
 from tests.runs import FAST, ROOT, SETS
 

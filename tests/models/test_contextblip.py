@@ -18,7 +18,7 @@ from contextblip_jax.data.preprocess import BlipTokenizer, normalize_image
 from contextblip_jax.models.config import TMIMConfig
 from contextblip_jax.models.contextblip import REMAT_POLICIES, ContextBLIP, dotted_path, set_attention, set_remat
 from contextblip_jax.models.layers import Dense
-from contextblip_jax.trainconfig import base_config
+from contextblip_jax.runconfig.defaults import base_config
 from tests.tiny import tiny_contextblip
 
 CONFIG = tiny_contextblip(tmim=TMIMConfig(decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, mask_prediction=True))
@@ -183,7 +183,7 @@ def test_set_remat_gives_the_named_towers_the_policy():
     assert vision.remat_policy is text.remat_policy is REMAT_POLICIES["full"]
     set_remat(model, ())
     assert vision.remat_policy is None and text.remat_policy is None
-    with pytest.raises(ValueError, match=r"remat policy 'some' unknown; choose from \('full', 'dots_no_batch'"):
+    with pytest.raises(ValueError, match=r"remat_policy 'some' unknown; choose from \('full', 'dots_no_batch'"):
         set_remat(model, ("vision",), "some")
 
 

@@ -17,7 +17,7 @@ from contextblip_jax.models.contextblip import ContextBLIP, dotted_path, set_dro
 from contextblip_jax.models.stack import run_blocks
 from contextblip_jax.models.text import TextEncoder
 from contextblip_jax.models.variants import VARIANTS
-from contextblip_jax.trainconfig import base_config
+from contextblip_jax.runconfig.defaults import base_config
 from tests.tiny import stage_batch, tiny_contextblip
 
 CONFIG = tiny_contextblip(tmim=TMIMConfig(decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64, mask_prediction=True))

@@ -255,7 +255,7 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="kills-")
     data_root = args.data_root
     if data_root is None:
-        from contextblip_jax.data import inputs
+        from contextblip_jax.training import inputs
         from tests.runs import run_config
 
         data_root = os.path.join(base, "data")

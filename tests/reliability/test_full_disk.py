@@ -12,8 +12,9 @@ import subprocess
 
 import pytest
 
-from contextblip_jax import checkpoint, train
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax import storage, train
+from contextblip_jax.checkpoints import run_state
+from contextblip_jax.training.telemetry import read_metrics
 from tests.runs import run_config
 
 FREE_BYTES = 256 * 1024  # left after the ballast: room for metrics rows, not for a checkpoint (about 5 MB)
@@ -44,7 +45,7 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_the_run_resumes_once_sp
     ballast.write_bytes(bytes(stat.f_bavail * stat.f_frsize - FREE_BYTES))
 
     config.total_steps = 4
-    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+    with pytest.raises(storage.CheckpointWriteError) as raised:
         train.train(config, workdir)
     message = str(raised.value)
     assert f"{workdir}/checkpoints" in message and "no space left on device" in message
@@ -55,4 +56,4 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_the_run_resumes_once_sp
     train.train(config, workdir)
     assert any("resumed from step 2" in r.getMessage() for r in caplog.records)
     assert sorted(r["step"] for r in read_metrics(workdir) if r["split"] == "train") == [1, 2, 3, 4]
-    assert checkpoint.RunCheckpoints(workdir).latest_step() == 4
+    assert run_state.RunCheckpoints(workdir).latest_step() == 4

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from contextblip_jax import checkpoint, train
+from contextblip_jax import train
+from contextblip_jax.checkpoints import run_state
 from contextblip_jax.data import imagecode
-from contextblip_jax.skipped import METRIC
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax.training.skipped import METRIC
+from contextblip_jax.training.telemetry import read_metrics
 from tests.runs import run_config
 
 
@@ -51,5 +52,5 @@ def test_images_deleted_mid_run_are_skipped_counted_and_the_count_survives_a_res
     rows = train_rows(workdir)
     assert sorted(rows) == list(range(1, 15))
     assert rows[13][METRIC] == rows[14][METRIC] == counts[-1]
-    stored = checkpoint.RunCheckpoints(workdir)
+    stored = run_state.RunCheckpoints(workdir)
     assert stored.latest_step() == 14

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from contextblip_jax.telemetry import read_metrics
+from contextblip_jax.training.telemetry import read_metrics
 from tests.reliability.kills import checkpoint_folders
 from tests.runs import ROOT, device_env, train_command
 

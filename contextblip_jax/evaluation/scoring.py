@@ -1,0 +1,101 @@
+"""Scoring ImageCoDe splits: predictions gathered over hosts, accuracy overall / video / static, and the
+leaderboard file. Used by the trainer's periodic evaluation and by `python -m contextblip_jax.evaluate`.
+
+Imports: its own package (`evaluation`), `data`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from contextblip_jax.data import imagecode
+from contextblip_jax.data.pipeline import make_global_batch
+
+LEADERBOARD_FILE = "test_predictions.json"
+
+
+def score_split(
+    predict: Callable[[Mapping[str, jax.Array]], jax.Array],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    sharding: jax.sharding.NamedSharding,
+) -> dict[str, np.ndarray]:
+    """Predictions for every real example of an evaluation pass (padding dropped), on every host.
+
+    Scores and the example fields travel as global arrays and are replicated together, so rows stay aligned
+    whatever the number of hosts.
+    """
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    gather = jax.jit(lambda tree: tree, out_shardings=replicated)
+    columns: dict[str, list[np.ndarray]] = {"example_id": [], "prediction": [], "target": [], "is_video": []}
+    for batch in batches:
+        inputs = make_global_batch(batch, sharding)
+        fields = ("example_id", "target", "is_video")
+        gathered = jax.device_get(gather({"scores": predict(inputs), **{name: inputs[name] for name in fields}}))
+        columns["prediction"].append(np.asarray(gathered["scores"]).argmax(axis=-1))
+        for name in fields:
+            columns[name].append(np.asarray(gathered[name]))
+    result = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in columns.items()}
+    real = result["example_id"] >= 0
+    return {name: value[real] for name, value in result.items()}
+
+
+METRICS = ("acc", "acc_video", "acc_static", "descriptions")
+"""The fields of a validation row that `best.metric` may compare (`accuracy`)."""
+
+
+def accuracy(scored: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Accuracy overall, on video sets and on static sets (fractions), as the contract's valid rows."""
+    labelled = scored["target"] >= 0
+    correct = (scored["prediction"] == scored["target"])[labelled]
+    video = scored["is_video"][labelled].astype(bool)
+
+    def mean(values: np.ndarray) -> float:
+        return float(values.mean()) if values.size else float("nan")
+
+    return {
+        "acc": mean(correct),
+        "acc_video": mean(correct[video]),
+        "acc_static": mean(correct[~video]),
+        "descriptions": int(labelled.sum()),
+    }
+
+
+def leaderboard(scored: Mapping[str, np.ndarray], examples: list[imagecode.Example]) -> dict[str, list[int]]:
+    """`{set_name: [predicted index per description, in file order]}` for a submission."""
+    order = np.argsort(scored["example_id"])
+    entries: dict[str, list[tuple[int, int]]] = {}
+    for i in order:
+        example = examples[int(scored["example_id"][i])]
+        entries.setdefault(example.set_name, []).append((example.description_index, int(scored["prediction"][i])))
+    return {name: [p for _, p in sorted(pairs)] for name, pairs in entries.items()}
+
+
+def score_mmvp(
+    predict: Callable[[Mapping[str, jax.Array]], jax.Array],
+    pairs: list,
+    tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
+    load: Callable[[str], np.ndarray],
+) -> dict[str, float]:
+    """MMVP-VLM pair accuracy per category, overall (`all`) and the mean over categories (`mean`).
+
+    Each statement is a description whose candidates are the pair's two images; a pair counts when both
+    statements score their own image higher."""
+    from contextblip_jax.data import mmvp
+
+    scores = []
+    for pair in pairs:
+        images = np.stack([load(path) for path in pair.image_paths])
+        ids, mask = tokenize(list(pair.texts))
+        batch = {
+            "images": np.broadcast_to(images, (2, *images.shape)),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "is_video": np.zeros(2, bool),
+        }
+        scores.append(np.asarray(jax.device_get(predict(batch))))
+    result = mmvp.accuracy(pairs, scores)
+    categories = [value for name, value in result.items() if name != "all"]
+    return {**result, "mean": float(np.mean(categories)) if categories else float("nan")}
