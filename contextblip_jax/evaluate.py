@@ -7,21 +7,20 @@ as JSON, and on the test split writes the leaderboard file `W/test_predictions.j
 `{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.
 
-Imports: `evaluation`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
+Imports: `cli`, `evaluation`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import runconfig, storage
+from contextblip_jax import cli, runconfig
 from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
 from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
 from contextblip_jax.evaluation.scoring import LEADERBOARD_FILE, accuracy, leaderboard
@@ -42,11 +41,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     workdir = _WORKDIR.value
-    try:
-        config = runconfig.prepare(_CONFIG.value, data=_SPLIT.value != "mmvp")
-        scoring = scorer(config, workdir, runconfig.check_choice(_CHECKPOINT.value))
-    except (ValueError, FileNotFoundError, storage.CheckpointError) as error:
-        sys.exit(f"error: {error}")
+    config = runconfig.prepare(_CONFIG.value, data=_SPLIT.value != "mmvp")
+    scoring = scorer(config, workdir, runconfig.check_choice(_CHECKPOINT.value))
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:
             raise app.UsageError("--split=mmvp needs --mmvp_root")
@@ -69,6 +65,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps(result))
 
 
+def run() -> None:
+    """`contextblip-evaluate`: the same as `python -m contextblip_jax.evaluate`."""
+    cli.run(main, required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run()

@@ -4,18 +4,18 @@ models, stages and targets, appended to a JSON lines file and printed as a table
     python -m contextblip_jax.fit --targets=v5e-8,h100x8 --variants=B/16,L/16 --stages=pretrain,finetune,context \
         --out=fit.jsonl --config.scan_layers=True
 
-Imports: `compile`; a command (it defines flags), so no module imports it.
+Imports: `cli`, `compile`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from contextblip_jax import cli
 from contextblip_jax.compile import aot, fit
 from contextblip_jax.compile.fit import DEFAULT_MESH
 
@@ -31,7 +31,7 @@ _START_BATCH = flags.DEFINE_integer(
     "start_batch",
     None,
     "Global batch each cell's search starts from, instead of the paper's (1024 for stage 1, 36 after), e.g. to "
-    "give each chip of a pod more than one description (README, Known limits).",
+    "give each chip of a pod more than one description (docs/limits.md).",
 )
 _CONFIG = config_flags.DEFINE_config_dict(
     "config",
@@ -46,22 +46,24 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     aot.use_cpu_host()
-    try:
-        rows = fit.sweep(
-            _VARIANTS.value,
-            _STAGES.value,
-            _TARGETS.value,
-            dict(_CONFIG.value),
-            _OUT.value,
-            _WORKDIR.value,
-            _MAX_COMPILES.value,
-            _START_BATCH.value,
-            lambda row: print(fit.markdown([row]).splitlines()[-1], flush=True),
-        )
-    except ValueError as error:
-        sys.exit(f"error: {error}")
+    rows = fit.sweep(
+        _VARIANTS.value,
+        _STAGES.value,
+        _TARGETS.value,
+        dict(_CONFIG.value),
+        _OUT.value,
+        _WORKDIR.value,
+        _MAX_COMPILES.value,
+        _START_BATCH.value,
+        lambda row: print(fit.markdown([row]).splitlines()[-1], flush=True),
+    )
     print(fit.markdown(rows))
 
 
+def run() -> None:
+    """`contextblip-fit`: the same as `python -m contextblip_jax.fit`."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -8,7 +8,7 @@ DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a 
 and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
 as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
-Imports: `checkpoints`, `data`, `runconfig`, `stages`; a command (it defines flags), so no module imports it.
+Imports: `cli`, `checkpoints`, `data`, `runconfig`, `stages`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import runconfig, stages
+from contextblip_jax import cli, runconfig, stages
 from contextblip_jax.checkpoints import weights
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
@@ -75,6 +75,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"text": _TEXT.value, "stage": _STAGE.value, "ranking": ranking}, indent=1))
 
 
+def run() -> None:
+    """`contextblip-predict`: the same as `python -m contextblip_jax.predict`."""
+    cli.run(main, required=["workdir", "text", "images"])
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "text", "images"])
-    app.run(main)
+    run()

@@ -5,8 +5,8 @@ same command again resumes from the newest checkpoint in W; SIGTERM (preemption)
 W/metrics.jsonl rows always carry `step` and `split` (other programs read them); validation rows carry `acc`,
 `acc_video`, `acc_static`.
 
-Imports: `checkpoints`, `compile`, `data`, `evaluation`, `parallel`, `runconfig`, `stages`, `storage`, `training`;
-a command (it defines flags), so no module imports it.
+Imports: `cli`, `checkpoints`, `compile`, `data`, `evaluation`, `parallel`, `runconfig`, `stages`, `training`; a
+command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import parallel, runconfig, stages, storage
+from contextblip_jax import cli, parallel, runconfig, stages
 from contextblip_jax.checkpoints import best, run_state, weights
 from contextblip_jax.compile import aot, targets
 from contextblip_jax.data.pipeline import make_global_batch
@@ -80,7 +80,6 @@ def train(
     parallel.initialize_distributed(coordinator, num_processes, process_id, heartbeat_timeout_s)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
-    logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
 
     # ---- Input -------------------------------------------------------------------------------------------
     train_input = inputs.train_input(config, stage)
@@ -125,9 +124,17 @@ def train(
             for evaluator in evaluators:
                 row = evaluator.run(lambda batch: built.predict(state.trainable, state.frozen, batch), step)
                 telemetry.write(row)
-                logging.info("step %d %s: %s", step, evaluator.split, row)
-                if keeper.offer(row, lambda: {**state.trainable, **state.frozen}):
-                    logging.info("step %d is the best so far (%s): kept in %s", step, best.BEST_FILE, workdir)
+                kept = keeper.offer(row, lambda: {**state.trainable, **state.frozen})
+                logging.info(
+                    "step %d %s: acc %.3f (video %.3f, static %.3f; %d descriptions)%s",
+                    step,
+                    evaluator.split,
+                    row["acc"],
+                    row["acc_video"],
+                    row["acc_static"],
+                    row["descriptions"],
+                    f", the best so far: kept ({best.BEST_FILE})" if kept else "",
+                )
 
         # ---- Loop --------------------------------------------------------------------------------------------
         last_good, step = start, start
@@ -225,10 +232,20 @@ def main(argv: list[str]) -> None:
             _PROCESS_ID.value,
             _HEARTBEAT_TIMEOUT.value,
         )
-    except (NonFiniteLoss, ValueError, FileNotFoundError, storage.CheckpointError) as error:
+    except NonFiniteLoss as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
+        print(_summary(result, _WORKDIR.value))
         print(json.dumps(result, default=str))
+
+
+def _summary(result: dict, workdir: str) -> str:
+    """The run's outcome in a line a person reads first; the JSON line after it is for programs."""
+    if "preempted_at" in result:
+        return f"preempted at step {result['preempted_at']}: checkpoint saved; run the same command to resume"
+    rows = [f"best {split} acc {row['acc']:.3f} at step {row['step']}" for split, row in result["best"].items()]
+    files = ", ".join(name for name in ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/"))
+    return f"done: {'; '.join(rows) or 'no evaluation'}. In {workdir}: {files}"
 
 
 def _compile_only(config, workdir: str, target_name: str, num_slices: int) -> None:
@@ -239,12 +256,14 @@ def _compile_only(config, workdir: str, target_name: str, num_slices: int) -> No
     except aot.DoesNotFit as error:
         print(aot.table(error.report))
         sys.exit(f"error: {error}")
-    except ValueError as error:
-        sys.exit(f"error: {error}")
     print(aot.table(report))
     print(f"written: {workdir}/{aot.REPORT_FILE}")
 
 
+def run() -> None:
+    """`contextblip-train`: the same as `python -m contextblip_jax.train`."""
+    cli.run(main, required=["config", "workdir"])
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    run()

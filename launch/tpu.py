@@ -16,9 +16,6 @@ import shlex
 import subprocess
 import sys
 
-JAX_VERSION = "0.10.2"
-"""The jax the project pins (requirements.txt); workers get `jax[tpu]` at this version (it pins libtpu)."""
-
 RUNTIME_VERSIONS = {
     "v4": "tpu-ubuntu2204-base",
     "v5litepod": "v2-alpha-tpuv5-lite",
@@ -75,18 +72,15 @@ def _ssh(args: argparse.Namespace, node: str, worker: str, remote: str) -> list[
     return [*command, f"--command={remote}"]
 
 
-PROJECT_FILES = ("contextblip_jax", "configs", "launch", "requirements.txt", "constraints.txt", "pyproject.toml")
+PROJECT_FILES = ("contextblip_jax", "configs", "launch", "README.md", "constraints.txt", "pyproject.toml")
 """What a worker needs of the project (no virtual environments, work folders or data)."""
 
 
 def setup(args: argparse.Namespace) -> list[list[str]]:
     """Mounts `--bucket` (data and workdirs shared by all workers), puts the project on every worker (copied from
-    `--source`, or cloned from `--repo` at `--ref`), then installs the pinned requirements and the TPU build of jax
-    at the pinned version in a virtual environment there."""
-    install = (
-        f"cd ~/{REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt "
-        f"-c constraints.txt && .venv/bin/pip install -q 'jax[tpu]=={JAX_VERSION}'"
-    )
+    `--source`, or cloned from `--repo` at `--ref`), then installs the project with its `tpu` extra (jax's TPU
+    build at the pinned version) in a virtual environment there."""
+    install = f"cd ~/{REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]' -c constraints.txt"
     commands = []
     for node in node_names(args):
         if args.bucket:

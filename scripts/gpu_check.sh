@@ -9,7 +9,7 @@
 #   bash scripts/gpu_check.sh            # JSON lines to $OUT/gpu.jsonl (OUT defaults to ./gpu_out)
 #   GPU_CHECK_PRESET=tiny GPU_CHECK_SECONDS=300 bash scripts/gpu_check.sh   # the plumbing, on any machine
 #
-# Python packages the GPU image lacks travel as wheels in .whl/ (see README, "Benchmarks"); the image's own
+# Python packages the GPU image lacks travel as wheels in .whl/ (see docs/benchmarks.md); the image's own
 # JAX, Flax, Optax and Orbax are used when the smoke step runs with them, the carried ones otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +19,10 @@ deadline=$((SECONDS + ${GPU_CHECK_SECONDS:-420}))  # the benchmarks' share; pari
 preset=${GPU_CHECK_PRESET:-base}  # tiny: a dry run of the plumbing on any machine
 export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # PyTorch shares the GPU in the comparisons
-# On an H200 (2026-11-28, jax 0.11.2) XLA's default GEMM autotuning compiled the base scoring step in 92 s and
-# had not finished the 2a train step after 140 s (44 s on an H100 the day before). `--xla_gpu_autotune_level=0`
-# cut those to 16 s and 51 s but left the steps 9-10x slower than PyTorch eager beside them: untuned Triton
-# GEMMs (a bf16 8192^3 product at 11 TFLOP/s, 720 by default). With Triton's GEMMs off, cuBLAS ran it at 696
-# (693 untuned too); that is also the program `--compile_only` predicts (aot.GPU_COMPILER_OPTIONS). The JAX rows
-# record the flags (`xla_flags`); set XLA_FLAGS to override.
+# XLA's default GEMM autotuning can take minutes per step to compile, and `--xla_gpu_autotune_level=0` leaves
+# untuned Triton GEMMs that run the steps several times slower (docs/benchmarks/gpu_h200_autotune0.jsonl). With
+# Triton's GEMMs off, cuBLAS runs them untuned at full speed; that is also the program `--compile_only` predicts
+# (aot.GPU_COMPILER_OPTIONS). The JAX rows record the flags (`xla_flags`); set XLA_FLAGS to override.
 export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="cont
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 if not os.path.exists("/proc/driver/nvidia") and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
     # No GPU or TPU here: the CPU is what jax would pick anyway, and naming it keeps the deviceless-compilation
-    # wheels (requirements-accelerators.txt) from trying to start a CUDA or TPU backend (a traceback per process).
+    # wheels (the `accelerators` extra) from trying to start a CUDA or TPU backend (a traceback per process).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from tests.runs import ROOT, SUITE_XLA_FLAG, device_env, run_config

@@ -11,7 +11,7 @@ import re
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "contextblip_jax"
-COMMANDS = {"train", "evaluate", "predict", "fit", "convert.__main__", "benchmark.__main__"}
+COMMANDS = {"train", "evaluate", "predict", "fit", "doctables", "convert.__main__", "benchmark.__main__"}
 _IMPORTS_LINE = re.compile(r"^Imports\b[^:\n]*:(.*?)(?:\n\n|\Z)", re.M | re.S)
 
 

@@ -1,9 +1,10 @@
-"""The README's main job learns: two seeds of the CPU recipe (configs/synthetic.py), shortened, both well above
-chance (0.1). Slow: a few minutes per seed on 2 cores; `python -m pytest -q -n 0 -m slow -s tests/test_main_job.py`."""
+"""The README's main job learns: two seeds of the CPU recipe (configs/synthetic.py), stopped at 400 of its 600
+steps, both well above chance (0.1). The bar sits below every seed's accuracy at step 400 in the README's table
+(docs/main_job/seeds.jsonl), with margin for other processors' rounding. CI's long pass; a few minutes per seed on
+2 cores (`python -m pytest -q -m long -s tests/test_main_job.py`)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,14 +12,14 @@ import time
 import pytest
 
 from contextblip_jax.training.telemetry import read_metrics
-from tests.runs import user_env
+from tests.runs import ROOT, user_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 400
-BAR = 0.3
+BAR = 0.5
+"""Five times chance; the seeds of docs/main_job/seeds.jsonl reach 0.75-0.80 at step 400 on this project's machine."""
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("seed", [0, 1])
 def test_main_job_learns_well_above_chance(tmp_path_factory, seed):
     data = str(tmp_path_factory.getbasetemp() / "synthetic_data")  # generated once, reused by the second seed

@@ -7,6 +7,6 @@ plots.py        a sweep's PNG plot
 inputs.py       the grain pipeline's images/s at the step's batch shape
 profile.py      one traced JAX call: time per kind of XLA operation
 
-Imports, for every module here: each other and `compile`, `convert`, `data`, `models`, `parallel`, `runconfig`,
+Imports, for every module here: each other and `cli`, `compile`, `convert`, `data`, `models`, `parallel`, `runconfig`,
 `stages`, `training`.
 """

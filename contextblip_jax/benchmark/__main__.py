@@ -34,8 +34,8 @@ keeps freed host memory for reuse, as the trainer does (`hostmem.py`), for all f
 it on an otherwise idle machine: PyTorch's OpenMP threads spin while they wait, and on shared cores that
 slows a small model's step by orders of magnitude.
 
-Imports: its own package (`benchmark`), `compile`, `models`, `stages`, `training`; a command (it defines flags), so
-no module imports it.
+Imports: its own package (`benchmark`), `cli`, `compile`, `models`, `stages`, `training`; a command (it defines
+flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from contextblip_jax import stages
+from contextblip_jax import cli, stages
 from contextblip_jax.benchmark import plots, profile, sweep
 from contextblip_jax.benchmark.inputs import input_row
 from contextblip_jax.benchmark.jax_steps import (
@@ -266,5 +266,10 @@ def main(argv: list[str]) -> None:
         print(json.dumps({**row, **common}), flush=True)
 
 
+def run() -> None:
+    """`contextblip-benchmark`: the same as `python -m contextblip_jax.benchmark`."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

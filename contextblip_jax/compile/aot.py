@@ -59,7 +59,7 @@ class DoesNotFit(ValueError):
 
 def use_cpu_host() -> None:
     """Compiling for another target needs no accelerator backend here; without this, an installed CUDA plugin
-    (requirements-accelerators.txt) and libtpu try to start one, print tracebacks and fall back to the CPU.
+    (the `accelerators` extra) and libtpu try to start one, print tracebacks and fall back to the CPU.
     Must run before anything touches jax devices."""
     jax.config.update("jax_platforms", "cpu")
 

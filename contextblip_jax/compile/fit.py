@@ -14,8 +14,10 @@ layers (`--config.scan_layers=True`) for anything larger than the tiny model.
 Every cell is one JSON line in `--out` (appended, so an interrupted sweep keeps what it found, and a cell already
 there is not compiled again: a long table can be filled over several runs) and a row of the
 printed table. The step time in the table is an estimate, not a measurement: the larger of the compute-bound
-time (FLOPs per step over the chips' data-sheet peak) and, where XLA reports the bytes a device's program moves,
-the memory-bound time over the chips' data-sheet bandwidth.
+time (FLOPs per step over the chips' data-sheet peak) and the memory-bound time (the bytes XLA reports the device's
+program moves, over the chips' data-sheet bandwidth). Scanned towers have no memory-bound time: XLA's cost
+analysis counts a loop's body once, so their bytes are not the step's; those rows are marked `compute only`. No
+row counts the time of collectives (fsdp all-gathers, gradient all-reduces).
 
 Imports: its own package (`compile`), `models`, `runconfig`, `stages`.
 """
@@ -250,9 +252,18 @@ def _towers(row: dict[str, Any]) -> str:
     return how + (f", remat {row.get('remat_policy') or 'full'} ({' + '.join(remat)})" if remat else "")
 
 
+def _estimate(step_time: dict[str, Any] | None) -> str:
+    """The step-time cell: the estimate, marked where only its compute-bound term is known."""
+    estimate = (step_time or {}).get("estimate_s")
+    if estimate is None:
+        return "n/a"
+    only = " (compute only)" if step_time.get("memory_bound_s") is None else ""
+    return f"{estimate * 1e3:.0f} ms{only}"
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The cells as the README's table. `state / device` is the step's arguments per device: the parameters,
-    the optimizer state and the batch, which is what an `fsdp` axis divides."""
+    """The cells as the fit table of docs/compile-and-fit.md. `state / device` is the step's arguments per device:
+    the parameters, the optimizer state and the batch, which is what an `fsdp` axis divides."""
     head = (
         "| model | stage | target | towers | batch | peak / device | state / device | largest batch | GFLOP / image | "
         "compile | step time (roofline estimate) |\n|---|---|---|---|---|---|---|---|---|---|---|"
@@ -266,13 +277,12 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         if not row["exact"]:  # out of compiles: a lower bound, and an upper one once a batch failed
             largest = f"≥ {largest}" + (f", < {high}" if high else "")
         flops = f"{row['flops_per_image'] / 1e9:.0f}" if row["flops_per_image"] else "n/a"
-        estimate = (row["step_time"] or {}).get("estimate_s")
         lines.append(
             f"| {row['variant']} | {row['stage']} | {_where(row)} | {_towers(row)} | {row['batch']} "
             f"| {gib:.1f} of {limit:.0f} GiB"
             f"{'' if row['fits'] else ' (does not fit)'} | {'n/a' if state is None else f'{state / (1 << 30):.2f} GiB'}"
             f" | {largest} | {flops} | {row['compile_s']:.0f} s | "
-            f"{'n/a' if estimate is None else f'{estimate * 1e3:.0f} ms'} |"
+            f"{_estimate(row['step_time'])} |"
         )
     return "\n".join(lines)
 

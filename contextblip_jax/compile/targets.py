@@ -2,7 +2,7 @@
 program can be compiled for on this machine, and the memory each of them has.
 
 TPU slices come from libtpu's deviceless topologies, NVIDIA nodes from the CUDA plugin's target configs
-(`pip install --no-deps -r requirements-accelerators.txt`); neither needs the hardware. Grammar:
+(`pip install -e ".[accelerators]"`); neither needs the hardware. Grammar:
 
     cpu                        this machine's own devices (what `jax.devices()` gives)
     v4-N, v5p-N                N TensorCores as gcloud counts them (N/2 megacore chips): 8 16 32 64 128 256 512 1024

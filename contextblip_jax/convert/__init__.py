@@ -6,7 +6,7 @@
 Modules here import the model configs and modules, `run_state.py` (Orbax) and each other; PyTorch is
 imported only where a pickle is read.
 
-Imports, for every module here: each other and `data`, `models`, `storage`.
+Imports, for every module here: each other and `cli`, `data`, `models`, `storage`.
 """
 
 from __future__ import annotations

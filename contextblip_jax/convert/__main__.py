@@ -7,18 +7,18 @@ SRC: a Hugging Face BLIP folder, a `.safetensors` / `.bin` file, an original sal
 the ContextBLIP authors' stage checkpoints. Every missing, unused or mis-shaped key is reported by name and
 nothing is written to DIR.
 
-Imports: its own package (`convert`), `models`; a command (it defines flags), so no module imports it.
+Imports: its own package (`convert`), `cli`, `models`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
 from absl import app, flags, logging
 
+from contextblip_jax import cli
 from contextblip_jax.convert import directory
 from contextblip_jax.convert.contextblip import full_params
 from contextblip_jax.convert.dispatch import TARGETS, convert_any, with_image_size
@@ -68,8 +68,8 @@ def main(argv: list[str]) -> None:
         directory.check_output(_OUTPUT.value, _OVERWRITE.value)
         logging.info("reading and checking %s", _INPUT.value)
         conversion = convert_any(_INPUT.value, _TARGET.value, _overrides())
-    except (ConversionError, FileExistsError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    except ConversionError as error:
+        cli.fail(error)
     params = conversion.params
     if conversion.model == "contextblip":
         params = full_params(conversion.config, params, seed=_SEED.value)
@@ -88,6 +88,10 @@ def main(argv: list[str]) -> None:
     )
 
 
+def run() -> None:
+    """`contextblip-convert`: the same as `python -m contextblip_jax.convert`."""
+    cli.run(main, required=["input", "output"])
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "output"])
-    app.run(main)
+    run()

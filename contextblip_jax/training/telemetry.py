@@ -9,6 +9,7 @@ Imports: its own package (`training`) only.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -18,6 +19,8 @@ import jax
 from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_LINES = 10
+"""Progress lines a whole run logs where stderr is not a terminal (a log file, a batch job's output)."""
 PLOT_FILE = "curves.png"
 
 
@@ -48,6 +51,7 @@ class Telemetry:
         self.primary = jax.process_index() == 0
         self._start = time.perf_counter()
         self._start_step: int | None = None
+        self._logged = 0  # the step of the last progress line logged
         self._events = None
         if self.primary:
             os.makedirs(workdir, exist_ok=True)
@@ -66,20 +70,23 @@ class Telemetry:
         os.replace(path + ".tmp", path)
 
     def write(self, row: dict[str, Any]) -> None:
-        """Appends one metrics row (it must carry `step` and `split`)."""
+        """Appends one metrics row (it must carry `step` and `split`); TensorBoard gets its finite numbers (a split
+        without static sets has a NaN static accuracy)."""
         if not self.primary:
             return
         with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in row.items():
-            if key not in ("step", "split") and isinstance(value, int | float):
+            if key not in ("step", "split") and isinstance(value, int | float) and math.isfinite(value):
                 self._events.add_scalar(f"{row['split']}/{key}", value, row["step"])
         self._events.flush()
 
     def progress(self, step: int, loss: float, examples_per_s: float) -> None:
-        """A progress line with loss, throughput and ETA: redrawn in place on a terminal, logged otherwise."""
+        """A progress line with loss, throughput and ETA: redrawn in place on a terminal; elsewhere logged
+        `PROGRESS_LINES` times over the run (every row would bury the evaluations)."""
         if self._start_step is None:
             self._start_step, self._start = step, time.perf_counter()
+            self._logged = step
         done = step - self._start_step
         elapsed = time.perf_counter() - self._start
         eta = elapsed / done * (self.total_steps - step) if done else float("nan")
@@ -94,8 +101,9 @@ class Telemetry:
         if sys.stderr.isatty():
             sys.stderr.write("\r" + line)
             sys.stderr.flush()
-        else:
+        elif step >= self._logged + math.ceil(self.total_steps / PROGRESS_LINES) or step == self.total_steps:
             logging.info(line)
+            self._logged = step
 
     def plot(self) -> str | None:
         """Training loss and validation accuracy against step, from metrics.jsonl, as W/curves.png."""

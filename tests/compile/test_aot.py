@@ -1,7 +1,7 @@
 """`--compile_only`: the run's steps compiled for a TPU slice or an NVIDIA node this machine does not have, the
 report they leave, the error of a config that does not fit, and the target names.
 
-The TPU and GPU tests need the deviceless wheels (`pip install --no-deps -r requirements-accelerators.txt`) and
+The TPU and GPU tests need the deviceless wheels (`pip install -e ".[accelerators]"`) and
 skip, saying so, without them.
 """
 
@@ -28,11 +28,11 @@ from contextblip_jax.models import axes
 from tests.runs import ROOT, config_file
 
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (requirements-accelerators.txt)"
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the accelerators extra)"
 )
 needs_cuda_plugin = pytest.mark.skipif(
     importlib.util.find_spec("jax_cuda12_plugin") is None,
-    reason="jax-cuda12-plugin is not installed (requirements-accelerators.txt)",
+    reason="jax-cuda12-plugin is not installed (the accelerators extra)",
 )
 
 TPU_TARGETS = ("v4-8", "v5e-4", "v5e-8", "v5e-16", "v5e-256", "v5p-8", "v5p-16", "v6e-4", "v6e-8")
@@ -272,8 +272,8 @@ def test_gpu_targets_compile_a_sharded_step(name):
 @pytest.mark.slow
 def test_base_finetune_step_fits_v5e_8(tmp_path):
     """ViT-B/16 at 224 px, bfloat16, 40 descriptions (400 images, 30-token texts) over 8 chips: about 8.3 GiB of 16
-    per chip, ~144 GFLOP per image. Takes minutes on a 2-core machine (blocks are unrolled; README, "Layer scan and
-    compile time")."""
+    per chip, ~144 GFLOP per image. Takes minutes on a 2-core machine (blocks are unrolled; docs/compile-and-fit.md,
+    "Layer scan and compile time")."""
     config = config_file("imagecode", "stage=finetune")
     config.update_from_flattened_dict({"data.batch_size": 40, "eval.batch_size": 40})
     start = time.perf_counter()

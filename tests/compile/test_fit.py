@@ -187,3 +187,15 @@ def test_a_pod_row_names_its_model_parallel_axes_and_the_state_each_chip_holds()
         "| ≥ 256 | n/a |"
     )
     assert shown in fit.markdown([row])
+
+
+@pytest.mark.parametrize(
+    ("compute", "memory", "shown"), [(0.0366, 0.1114, "| 111 ms |"), (0.0366, None, "| 37 ms (compute only) |")]
+)
+def test_the_step_time_is_the_slower_bound_and_says_when_it_has_only_one(compute, memory, shown):
+    row = {"variant": "B/16", "stage": "finetune", "target": "v5e-8", "batch": 40, "peak_bytes_per_device": 8 << 30,
+           "memory_per_device_bytes": 16 << 30, "fits": True, "largest_batch": 80, "exact": True,
+           "smallest_failing_batch": 88, "flops_per_image": 144e9, "compile_s": 67.0,
+           "step_time": {"compute_bound_s": compute, "memory_bound_s": memory,
+                         "estimate_s": max(t for t in (compute, memory) if t is not None)}}  # fmt: skip
+    assert fit.markdown([row]).splitlines()[-1].endswith(shown)

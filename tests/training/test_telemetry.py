@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from contextblip_jax.training.telemetry import METRICS_FILE, PLOT_FILE, Telemetry, read_metrics
+from contextblip_jax.training.telemetry import METRICS_FILE, PLOT_FILE, PROGRESS_LINES, Telemetry, read_metrics
 
 
 def test_rows_truncation_events_and_plot(tmp_path):
@@ -50,3 +50,14 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_it(tmp_path):
     (tmp_path / METRICS_FILE).write_text("\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a JSON row"):
         read_metrics(str(tmp_path))
+
+
+def test_a_log_file_gets_a_few_progress_lines_not_one_per_row(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    caplog.set_level("INFO")
+    telemetry = Telemetry(str(tmp_path), total_steps=600)
+    for step in range(10, 601, 10):
+        telemetry.progress(step, 1.0, 10.0)
+    telemetry.close()
+    lines = [r.getMessage() for r in caplog.records if "step " in r.getMessage() and "ETA" in r.getMessage()]
+    assert len(lines) <= PROGRESS_LINES + 1 and "step 600/600" in lines[-1]

@@ -1,0 +1,153 @@
+"""`python -m contextblip_jax.doctables [--check]`: the tables of README.md and docs/*.md, rewritten from the data
+files they report, so that no figure on a page is typed by hand.
+
+A table stands between `<!-- table:NAME -->` and `<!-- /table:NAME -->` on its page; `TABLES` says which data file
+and which renderer each NAME has. `--check` changes nothing and exits 1 naming every table that differs from
+what its data gives (the test suite runs it on the committed pages).
+
+Imports: `cli`, `compile` (the fit table's renderer); a command (it defines flags), so no module imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import app, flags
+
+from contextblip_jax import cli
+from contextblip_jax.compile import fit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rows(path: str) -> list[dict[str, Any]]:
+    with open(os.path.join(ROOT, path)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _seeds(rows: Sequence[dict[str, Any]]) -> str:
+    """The main job per seed: validation accuracy at each evaluation, video / static at the end, wall time."""
+    steps = sorted({int(step) for row in rows for step in row["acc"]})
+    head = f"| seed | valid acc. at {' / '.join(map(str, steps))} steps | video / static at {steps[-1]} | wall |"
+    lines = [head, "|---|---|---|---|"]
+    for row in rows:
+        accs = " / ".join(f"{row['acc'][str(step)]:.3f}" for step in steps)
+        lines.append(
+            f"| {row['seed']} | {accs} | {row['acc_video']:.3f} / {row['acc_static']:.3f} | {row['wall_s']:.0f} s |"
+        )
+    final = [row["acc"][str(steps[-1])] for row in rows]
+    mean = sum(final) / len(final)
+    lines.append(f"| mean (min–max) | **{mean:.3f} ({min(final):.3f}–{max(final):.3f})** at {steps[-1]} steps | | |")
+    machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
+    lines += [
+        "",
+        f"Machine and date: {'; '.join(machines)}. Command: `{rows[0]['command']}`, one seed after another "
+        "(`scripts/main_job_seeds.py`); wall is the whole command, the data's generation included in the run that "
+        "generated it. Chance is 0.10.",
+    ]
+    return "\n".join(lines)
+
+
+def _benchmark(rows: Sequence[dict[str, Any]]) -> str:
+    """One benchmark run's rows (`python -m contextblip_jax.benchmark`): step time, throughput, MFU per framework."""
+    lines = [
+        "| framework | measured | step time, median (min–max) | images/s | TFLOP/s | MFU | compile |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        step = row["step_s"]
+        lines.append(
+            f"| {row['framework']} | {row['measure']} `{row['stage']}` "
+            f"| {step['median']:.3f} s ({step['min']:.3f}–{step['max']:.3f}) "
+            f"| {row['images_per_s']:.3f} | {row['tflops_per_s']:.3f} | {row['mfu']:.3f} | {row['compile_s']:.1f} s |"
+        )
+    first = rows[0]
+    ratio = first.get("ratio_vs_torch")
+    lines += [
+        "",
+        f"Preset `{first['preset']}`, {first['descriptions']} "
+        f"descriptions × {first['candidates']} candidates, {first['dtype']}, {first['runs']} timed runs, on "
+        f"{first['device']}" + (f"; JAX / PyTorch eager: {ratio:.3f}×" if ratio else "") + ".",
+    ]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    data: str
+    render: Callable[[Sequence[dict[str, Any]]], str]
+
+
+TABLES = {
+    "main_job_seeds": Table("docs/main_job/seeds.jsonl", _seeds),
+    "benchmarks_cpu_train": Table("docs/benchmarks/train_base_cpu.jsonl", _benchmark),
+    "benchmarks_cpu_eval": Table("docs/benchmarks/eval_base_cpu.jsonl", _benchmark),
+    "benchmarks_gpu_h200_autotune0": Table("docs/benchmarks/gpu_h200_autotune0.jsonl", _benchmark),
+    "fit": Table("docs/fit/fit.jsonl", fit.markdown),
+}
+_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def pages(root: str = ROOT) -> list[str]:
+    return [os.path.join(root, "README.md"), *sorted(glob.glob(os.path.join(root, "docs", "*.md")))]
+
+
+def render(text: str, page: str) -> str:
+    """`text` with every table block filled from its data; an unknown NAME is an error naming the page."""
+
+    def fill(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise ValueError(f"{page}: table {name!r} has no data file; known tables: {sorted(TABLES)}")
+        table = TABLES[name]
+        return f"{match.group(1)}{table.render(_rows(table.data))}\n{match.group(4)}"
+
+    return _BLOCK.sub(fill, text)
+
+
+def stale(root: str = ROOT) -> list[str]:
+    """The pages whose tables differ from what their data gives."""
+    found = []
+    for page in pages(root):
+        with open(page) as f:
+            text = f.read()
+        if render(text, page) != text:
+            found.append(os.path.relpath(page, root))
+    return found
+
+
+def write(root: str = ROOT) -> list[str]:
+    """Rewrites every page's tables from their data; returns the pages that changed."""
+    changed = stale(root)
+    for name in changed:
+        page = os.path.join(root, name)
+        with open(page) as f:
+            text = f.read()
+        with open(page, "w") as f:
+            f.write(render(text, page))
+    return changed
+
+
+_CHECK = flags.DEFINE_bool("check", False, "Change nothing; exit 1 naming the pages whose tables are stale.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CHECK.value:
+        if found := stale():
+            sys.exit(f"stale tables in {', '.join(found)}: run python -m contextblip_jax.doctables")
+        return
+    for page in write():
+        print(f"rewrote {page}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
