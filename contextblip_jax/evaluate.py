@@ -41,7 +41,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     workdir = _WORKDIR.value
-    config = runconfig.prepare(_CONFIG.value, data=_SPLIT.value != "mmvp")
+    # `init` is read only when the run holds no checkpoint (weights.initial_model checks it then): a trained run
+    # scores after its starting weights have been moved away.
+    config = runconfig.prepare(_CONFIG.value, data=_SPLIT.value != "mmvp", weights=False)
     scoring = scorer(config, workdir, runconfig.check_choice(_CHECKPOINT.value))
     if _SPLIT.value == "mmvp":
         if not _MMVP_ROOT.value:

@@ -59,7 +59,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"{_IMAGES.value} holds no imgX.jpg files")
     size = config.blip.vision.image_size
     images = jnp.asarray(np.stack([load_image(os.path.join(_IMAGES.value, n), size) for n in names]))[None]
-    data = runconfig.data_config(runconfig.prepare(_CONFIG.value, data=False), train=False) if _CONFIG.value else None
+    data = None
+    if _CONFIG.value:
+        data = runconfig.data_config(runconfig.prepare(_CONFIG.value, data=False, weights=False), train=False)
     default_length = data.max_text_length if data else 64
     length = _MAX_LENGTH.value or min(default_length, config.blip.text.max_positions)
     text = clean(_TEXT.value, data.pre_caption_words, data.pre_caption_rules) if data else _TEXT.value

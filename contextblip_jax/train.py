@@ -75,7 +75,25 @@ def train(
     stage = stages.get(config.stage)
     if not stage.trains:
         raise ValueError(f"the {stage.name} stage does not train: use python -m contextblip_jax.evaluate")
+    # Installed before `jax.distributed` starts: its preemption service then takes SIGTERM over from this handler
+    # on multi-process runs (installed later, this handler would hide the signal from it and no process would stop).
+    preempted = Preempted()
+    try:
+        return _train(config, stage, workdir, preempted, coordinator, num_processes, process_id, heartbeat_timeout_s)
+    finally:
+        preempted.restore()
 
+
+def _train(
+    config,
+    stage: stages.Stage,
+    workdir: str,
+    preempted: Preempted,
+    coordinator: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    heartbeat_timeout_s: int | None,
+) -> dict:
     # ---- Mesh --------------------------------------------------------------------------------------------
     parallel.initialize_distributed(coordinator, num_processes, process_id, heartbeat_timeout_s)
     mesh = parallel.make_mesh(config.mesh)
@@ -95,10 +113,7 @@ def train(
     # ---- Evals: built once (each reads its split now), run at every evaluation ---------------------------------
     evaluators = build_evaluators(config, stage, mesh)
 
-    preempted = Preempted()
     with contextlib.ExitStack() as open_files:  # every way out (end, preemption, error) closes them, in reverse
-        open_files.callback(preempted.restore)
-
         # ---- Checkpoint: resume if this workdir has one ------------------------------------------------------
         checkpoints = open_files.enter_context(
             contextlib.closing(run_state.RunCheckpoints(workdir, config.keep_checkpoints))
@@ -166,7 +181,7 @@ def train(
                 }
                 telemetry.write(row)
                 telemetry.progress(step, metrics["loss"], rate)
-            if config.eval_every and step % config.eval_every == 0 and step != total_steps:
+            if config.eval_every and step % config.eval_every == 0 and step != total_steps and not stop:
                 evaluate(step, state)
             if save:
                 checkpoints.save(step, state, iterator, {skipped.METRIC: skips.total()})

@@ -137,6 +137,7 @@ def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, da
     common = [
         sys.executable, "-m", "contextblip_jax.evaluate", "--config=configs/synthetic.py:variant=tiny",
         f"--workdir={trained}", f"--config.data.root={data_root}", "--config.eval.batch_size=8",
+        "--config.init=/moved/away/weights",  # the run's own checkpoint is scored: its starting point is not read
     ]  # fmt: skip
     valid = run([*common, "--split=valid"])
     assert valid.returncode == 0, valid.stderr[-2000:]

@@ -135,10 +135,12 @@ def step_figures(fn: Callable[..., Any], args: tuple[Any, ...], compiled: Any) -
 
 
 def run_config(setup: Setup) -> ml_collections.ConfigDict:
-    """The trainer's base config with the setup's remat and attention; the mesh puts every device on `data`."""
+    """The trainer's base config with the setup's remat, attention and dtype (checked together: cudnn attention
+    takes only bf16/fp16); the mesh puts every device on `data`."""
     config = base_config()
     config.remat = list(setup.remat)
     config.attention = setup.attention
+    config.dtype = setup.dtype
     return runconfig.prepare(config, data=False, weights=False)
 
 

@@ -136,6 +136,8 @@ def initial_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -
     if not config.init:
         model = _sharded(runconfig.model_config(config), {}, dtype, mesh, rules, seed=config.seed)
         return model, "random initialisation"
+    if not os.path.exists(config.init):
+        raise FileNotFoundError(f"init {config.init} does not exist")
     choice = config.init_checkpoint
     previous = run_model(config.init, dtype, choice, mesh, rules) if os.path.isdir(config.init) else None
     if previous is not None:

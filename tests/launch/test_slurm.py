@@ -1,7 +1,7 @@
 """The SLURM launcher on a real single-node cluster: 2 tasks x 4 CPU devices reproduce the 1-process 8-device
 losses, and the same job, cancelled mid-run, resumes from its checkpoint when submitted again (one job serves
-both checks: each job costs a minute of start-up and compilation); every `sbatch` line of the README is accepted
-by the scheduler (the node has 8 placeholder GPUs)."""
+both checks: each job costs a minute of start-up and compilation); every `sbatch` line of the README and of
+docs/launch.md is accepted by the scheduler (the node has 8 placeholder GPUs)."""
 
 from __future__ import annotations
 
@@ -92,9 +92,12 @@ def test_two_tasks_match_eight_devices_and_a_cancelled_job_resumes(cluster, tmp_
 
 
 def readme_sbatch_commands() -> list[tuple[dict[str, str], list[str]]]:
-    """(environment, sbatch arguments) of every README line that runs sbatch, `VAR=value` prefixes included."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        lines = f.read().replace("\\\n", " ").splitlines()
+    """(environment, sbatch arguments) of every line of the README and of docs/launch.md that runs sbatch,
+    `VAR=value` prefixes included (a line both hold is checked once)."""
+    lines = []
+    for document in ("README.md", "docs/launch.md"):
+        with open(os.path.join(ROOT, document)) as f:
+            lines += [line for line in f.read().replace("\\\n", " ").splitlines() if line not in lines]
     commands = []
     for line in lines:
         if re.match(r"\s*(\w+=\S+\s+)*sbatch\s", line):

@@ -17,6 +17,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOCUMENTS = ("README.md", "docs/launch.md")
+"""Where a user copies launcher lines from: each of their lines is checked."""
 TPU = os.path.join(ROOT, "launch", "tpu.sh")
 WHERE = ["--name=cb-test", "--zone=us-central2-b", "--project=cb-project"]
 CASES = {
@@ -43,11 +45,15 @@ CASES = {
 
 
 def readme_commands() -> dict[str, list[str]]:
-    """Every `launch/tpu.sh ...` line of the README (continuation lines joined), as launcher arguments."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("launch/tpu.sh ")]
-    return {f"README: {line}": shlex.split(line)[1:] for line in lines}
+    """Every `launch/tpu.sh ...` line of the README and of docs/launch.md (continuation lines joined), as launcher
+    arguments."""
+    commands = {}
+    for document in DOCUMENTS:
+        with open(os.path.join(ROOT, document)) as f:
+            text = f.read().replace("\\\n", " ")
+        lines = [line.strip() for line in text.splitlines() if line.strip().startswith("launch/tpu.sh ")]
+        commands.update({f"{document}: {line}": shlex.split(line)[1:] for line in lines})
+    return commands
 
 
 USAGE_ERRORS = ("unrecognized arguments", "is required", "Invalid choice", "argument ", "Invalid value")

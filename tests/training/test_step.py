@@ -1,7 +1,7 @@
 """The pure train step in-process: gradient accumulation and frozen parameters, on the tiny model.
 
 Where the micro-batches lie on 8 devices is checked in a child process with 8 simulated CPU devices, which runs
-this file as a script (`python -m tests.test_step`) and prints what it measured as JSON.
+this file as a script (`python -m tests.training.test_step`) and prints what it measured as JSON.
 """
 
 from __future__ import annotations
