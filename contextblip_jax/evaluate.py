@@ -2,9 +2,11 @@
 
 Scores every description of a split against its 10 candidates with the run's best model (`W/best.json`; with
 `--checkpoint=latest` or `=STEP` another checkpoint; when W has none, e.g. for the zero-shot stage, the weights
-named by `config.init`), prints accuracy overall / video / static
-as JSON, and on the test split writes the leaderboard file `W/test_predictions.json`:
-`{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
+named by `config.init`) and prints accuracy overall / video / static as JSON, with the work it took: `sets`,
+`images_encoded` (images that went through the vision tower: 10 per set with `eval.group_by_set`, 10 per
+description without), and the scoring pass's `seconds` and `descriptions_per_s`. On the test split it writes the
+leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order. `--split=mmvp
+--mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.
 
 Imports: `cli`, `evaluation`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -50,9 +53,18 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--split=mmvp needs --mmvp_root")
         print(json.dumps({"split": "mmvp", "step": scoring.step, **mmvp_accuracy(config, scoring, _MMVP_ROOT.value)}))
         return
-    evaluator = ImageCodeEvaluator(runconfig.data_config(config, train=False), _SPLIT.value, scoring.mesh)
+    data = runconfig.data_config(config, train=False)
+    evaluator = ImageCodeEvaluator(data, _SPLIT.value, scoring.mesh, config.eval.group_by_set, config.eval.set_slots)
+    start = time.perf_counter()
     scored = evaluator.score(scoring.predict)
-    result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored)}
+    seconds = time.perf_counter() - start
+    work = {
+        "sets": evaluator.sets,
+        "images_encoded": evaluator.images_encoded,
+        "seconds": round(seconds, 3),
+        "descriptions_per_s": round(scored["example_id"].size / seconds, 3),
+    }
+    result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored), **work}
     if _SPLIT.value == "test":
         path = os.path.join(workdir, LEADERBOARD_FILE)
         if jax.process_index() == 0:
@@ -63,6 +75,7 @@ def main(argv: list[str]) -> None:
             "step": scoring.step,
             "descriptions": int(scored["example_id"].size),
             "leaderboard": path,
+            **work,
         }
     print(json.dumps(result))
 

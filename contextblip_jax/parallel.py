@@ -201,9 +201,14 @@ def batch_sharding(mesh: Mesh | AbstractMesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh | AbstractMesh) -> int:
+    """Into how many parts `batch_sharding` cuts the leading axis: data × fsdp."""
+    return math.prod(dict(mesh.shape)[axis] for axis in BATCH_AXES)
+
+
 def check_batch(global_batch: int, mesh: Mesh | AbstractMesh) -> None:
     """Fails before compilation when the global batch cannot be split evenly over data × fsdp."""
-    ways = math.prod(dict(mesh.shape)[axis] for axis in BATCH_AXES)
+    ways = batch_shards(mesh)
     if global_batch < 1 or global_batch % ways:
         raise ValueError(
             f"global batch {global_batch} is not divisible by the data-parallel size {ways} "

@@ -38,6 +38,8 @@ ScoreFn = Callable[..., jax.Array]
 """`score(model, batch, rngs=None) -> [B, candidates]`; the prediction is the argmax; `rngs` enables dropout."""
 
 IMAGECODE_FIELDS = ("images", "input_ids", "attention_mask", "target", "is_video")
+SET_INDEX = "set_index"
+"""A grouped batch's field (`data/grouped.py`): images come once per set, and each description names its set."""
 CAPTION_FIELDS = ("images", "input_ids", "attention_mask")
 
 
@@ -99,16 +101,17 @@ def _pretrain_loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any
 
 def _zero_shot_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
     del rngs
-    return model.zero_shot_scores(batch["images"], batch["input_ids"], batch["attention_mask"])
+    return model.zero_shot_scores(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get(SET_INDEX))
 
 
 def _finetune_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
-    return model.finetune_logits(batch["images"], batch["input_ids"], batch["attention_mask"], rngs)
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    return model.finetune_logits(*args, rngs, set_index=batch.get(SET_INDEX))
 
 
 def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
     args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["is_video"])
-    return model.context_logits(*args, rngs=rngs)
+    return model.context_logits(*args, rngs=rngs, set_index=batch.get(SET_INDEX))
 
 
 def _candidate_loss(score: ScoreFn) -> LossFn:

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from contextblip_jax.data import captions, imagecode, text_cleaning, transforms
+from contextblip_jax.data import captions, grouped, imagecode, text_cleaning, transforms
 from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.errors import check_on_error
 
@@ -233,6 +233,21 @@ def imagecode_dataset(
     source = imagecode_source(config, split) if source is None else source
     transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train))
     return build_dataset(source, transform, config, train, host_shard(shard_index, shard_count))
+
+
+def grouped_imagecode_dataset(
+    config: DataConfig,
+    source: Any,
+    layout: grouped.Layout,
+    batches: list,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Evaluation batches grouped by set (`grouped.py`), one pass in file order, over a source that lists its
+    examples (the folder source): `batches` is `grouped.plan`'s, the same on every host."""
+    transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train=False))
+    shard = host_shard(shard_index, shard_count)
+    return grouped.grouped_dataset(transform, source, source.examples, layout, batches, shard, config.threads)
 
 
 def captions_dataset(

@@ -1,11 +1,14 @@
 """Evaluators: each scores one ImageCoDe split with whatever predict function it is given.
 
 An evaluator reads its split (parses the annotation file, lists every set, or opens the records) once, when it is
-built; every later pass only decodes images. The trainer builds its evaluators once per run and calls them at each
-evaluation; `evaluate.py` builds one for the split it is asked about.
+built, and plans its batches then; every later pass only decodes images. The trainer builds its evaluators once
+per run and calls them at each evaluation; `evaluate.py` builds one for the split it is asked about.
 
     evaluators = build_evaluators(config, stage, mesh)          # [] for a stage without candidate scores
     rows = [e.run(lambda batch: predict(params, batch), step) for e in evaluators]
+
+With `eval.group_by_set` (the default) batches hold whole sets, each set's images once (`data/grouped.py`), so
+every image is encoded once per pass instead of once per description; the scores are the same.
 
 Imports: its own package (`evaluation`), `data`, `parallel`, `runconfig`, `stages`.
 """
@@ -18,9 +21,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from contextblip_jax import parallel, runconfig
-from contextblip_jax.data.pipeline import DataConfig, imagecode_dataset, imagecode_source
+from contextblip_jax.data import grouped, imagecode
+from contextblip_jax.data.pipeline import DataConfig, grouped_imagecode_dataset, imagecode_dataset, imagecode_source
 from contextblip_jax.evaluation.scoring import accuracy, score_split
 from contextblip_jax.stages import Stage
 
@@ -28,16 +33,41 @@ Predict = Callable[[Mapping[str, jax.Array]], jax.Array]
 
 
 class ImageCodeEvaluator:
-    """Accuracy overall / video / static of a predict function on one split (`split` is `valid` or `test`)."""
+    """Accuracy overall / video / static of a predict function on one split (`split` is `valid` or `test`).
 
-    def __init__(self, data: DataConfig, split: str, mesh: jax.sharding.Mesh):
+    `group_by_set`: batches of whole sets (`set_slots` sets per batch, 0: automatic; `grouped.Layout.of`). A
+    source that does not list its examples (array_record files) is scored per description, and says so."""
+
+    def __init__(
+        self,
+        data: DataConfig,
+        split: str,
+        mesh: jax.sharding.Mesh,
+        group_by_set: bool = True,
+        set_slots: int = 0,
+    ):
         self.data, self.split = data, split
         self.source = imagecode_source(data, split)
         self.sharding = parallel.batch_sharding(mesh)
+        examples = getattr(self.source, "examples", None)
+        if group_by_set and examples is None:
+            logging.warning("%s: the records do not list their sets; scoring per description", split)
+        self.layout = None
+        if group_by_set and examples is not None:
+            self.layout = grouped.Layout.of(data.batch_size, parallel.batch_shards(mesh), set_slots)
+            chunks = grouped.set_chunks(examples, self.layout.description_slots)
+            self.batches = grouped.plan(chunks, self.layout)
+            self.images_encoded = imagecode.NUM_CANDIDATES * len(chunks)
+        else:
+            self.images_encoded = imagecode.NUM_CANDIDATES * len(self.source)
+        self.sets = len({example.set_name for example in examples}) if examples is not None else None
 
     def score(self, predict: Predict) -> dict[str, np.ndarray]:
         """Every example's prediction, target and kind, in example order (see `scoring.score_split`)."""
-        batches = imagecode_dataset(self.data, self.split, train=False, source=self.source)
+        if self.layout is not None:
+            batches = grouped_imagecode_dataset(self.data, self.source, self.layout, self.batches)
+        else:
+            batches = imagecode_dataset(self.data, self.split, train=False, source=self.source)
         return score_split(predict, batches, self.sharding)
 
     def run(self, predict: Predict, step: int) -> dict[str, Any]:
@@ -50,4 +80,5 @@ def build_evaluators(config: ml_collections.ConfigDict, stage: Stage, mesh: jax.
     if not stage.evaluates:
         return []
     data = runconfig.data_config(config, train=False)
-    return [ImageCodeEvaluator(data, split, mesh) for split in config.eval.splits]
+    group, slots = config.eval.group_by_set, config.eval.set_slots
+    return [ImageCodeEvaluator(data, split, mesh, group, slots) for split in config.eval.splits]

@@ -45,10 +45,12 @@ class BlipRetrieval(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array,
         rngs: nnx.Rngs | None = None,
+        image_rows: jax.Array | None = None,
     ) -> TextOutput:
-        """The text encoder cross-attending to `image_tokens` (all visible): BLIP's ITM pass. `rngs`: dropout."""
+        """The text encoder cross-attending to `image_tokens` (all visible): BLIP's ITM pass. `rngs`: dropout.
+        `image_rows`: which image row each text reads, when texts share images (`TextEncoder`)."""
         image_mask = jnp.ones(image_tokens.shape[:2], dtype=bool)
-        return self.text(input_ids, attention_mask, image_tokens, image_mask, rngs=rngs)
+        return self.text(input_ids, attention_mask, image_tokens, image_mask, rngs=rngs, image_rows=image_rows)
 
     def itm_logits_from_features(
         self,

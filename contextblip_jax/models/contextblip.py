@@ -179,28 +179,59 @@ class ContextBLIP(nnx.Module):
         return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask, rngs)
 
     def _candidates(
-        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        set_index: jax.Array | None = None,
     ) -> jax.Array:
-        """ITM first tokens for every (description, candidate): images [B, C, H, W, 3] -> [B, C, D]."""
-        batch, count = images.shape[:2]
-        flat = images.reshape(batch * count, *images.shape[2:])
+        """ITM first tokens for every (description, candidate) [B, C, D].
+
+        Without `set_index`, images [B, C, H, W, 3] hold each description's candidates. With it, images
+        [S, C, H, W, 3] hold each set once and `set_index` [G, B / G] names the set of each description, counted
+        within its group (groups split both S and B into G equal blocks, one per data shard): every image then
+        goes through the vision tower, the adapter and each text layer's key/value projections once, and all the
+        descriptions of its set read the result. The numbers equal repeating the set per description."""
+        count = images.shape[1]
+        flat = images.reshape(images.shape[0] * count, *images.shape[2:])
         ids = jnp.repeat(input_ids, count, axis=0)
         mask = jnp.repeat(attention_mask, count, axis=0)
-        first = self.match(flat, ids, mask, rngs).last_hidden_state[:, 0]
-        return first.reshape(batch, count, -1)
+        rows = None
+        if set_index is not None:
+            groups, per_group = set_index.shape
+            if images.shape[0] % groups or input_ids.shape[0] != groups * per_group:
+                raise ValueError(
+                    f"set_index {set_index.shape} does not split {images.shape[0]} sets and {input_ids.shape[0]} "
+                    "descriptions into equal groups"
+                )
+            candidate = jnp.arange(count, dtype=set_index.dtype)
+            rows = (set_index[..., None] * count + candidate).reshape(groups, per_group * count)
+        features = self.adapted_features(flat)[0]
+        first = self.blip.multimodal(features, ids, mask, rngs, image_rows=rows).last_hidden_state[:, 0]
+        return first.reshape(input_ids.shape[0], count, -1)
 
     # -- one method per stage --------------------------------------------------------------------------------
 
-    def zero_shot_scores(self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """ITM match probability of every candidate [B, C]; the prediction is its argmax."""
-        first = self._candidates(images, input_ids, attention_mask)
+    def zero_shot_scores(
+        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, set_index: jax.Array | None = None
+    ) -> jax.Array:
+        """ITM match probability of every candidate [B, C]; the prediction is its argmax. `set_index`: images are
+        given once per set (`_candidates`)."""
+        first = self._candidates(images, input_ids, attention_mask, set_index=set_index)
         return jax.nn.softmax(self.blip.itm_head(first).astype(jnp.float32), axis=-1)[..., 1]
 
     def finetune_logits(
-        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        set_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits. `rngs`: dropout."""
-        first = self._candidates(images, input_ids, attention_mask, rngs)
+        """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits. `rngs`: dropout.
+        `set_index`: images are given once per set (`_candidates`)."""
+        first = self._candidates(images, input_ids, attention_mask, rngs, set_index)
         return self.head(l2_normalize(first))
 
     def context_logits(
@@ -210,10 +241,12 @@ class ContextBLIP(nnx.Module):
         attention_mask: jax.Array,
         is_video: jax.Array,
         rngs: nnx.Rngs | None = None,
+        set_index: jax.Array | None = None,
     ) -> jax.Array:
         """Stage 2b: the inter-context encoder over the C normalised vectors, then 2a's head. `rngs`: dropout, in
-        the encoder and in the frozen text encoder too (the authors extract 2b's features in train mode)."""
-        first = self._candidates(images, input_ids, attention_mask, rngs)
+        the encoder and in the frozen text encoder too (the authors extract 2b's features in train mode).
+        `set_index`: images are given once per set (`_candidates`)."""
+        first = self._candidates(images, input_ids, attention_mask, rngs, set_index)
         return self.head(self.context(l2_normalize(first), is_video, rngs=rngs))
 
     def pretrain_losses(

@@ -231,6 +231,20 @@ probabilities back, so XLA may fuse them away; `cudnn` is cuDNN's fused (flash) 
 accelerators is in `docs/benchmarks/` where it has been measured."""
 
 
+def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """Rows of `x` [R, ...] picked per group: `rows` [G, M] indexes within each of G equal blocks of x's rows, and
+    the result is [G * M, ...] in group order.
+
+    Why per group: when the leading axis is split over the devices in G blocks, each group's rows come from its
+    own block, and the gather is batched over G, so every device reads only what it holds (no rows travel)."""
+    groups = rows.shape[0]
+    if x.shape[0] % groups:
+        raise ValueError(f"{x.shape[0]} rows cannot be split into {groups} groups")
+    blocks = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    picked = jax.vmap(lambda block, index: jnp.take(block, index, axis=0))(blocks, rows)
+    return picked.reshape(groups * rows.shape[1], *x.shape[1:])
+
+
 class MultiHeadAttention(nnx.Module):
     """Scaled dot-product attention with separate q/k/v projections and an output projection.
 
@@ -279,15 +293,22 @@ class MultiHeadAttention(nnx.Module):
         context: jax.Array | None = None,
         key_mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
+        context_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """Attends from `x` [B, Q, width] to `context` [B, K, kv_width] (default: x itself).
 
         `key_mask` [B, K] is true where a key may be attended to (padding is false). `rngs` switches dropout on
         (BERT's attention-probability dropout); without it the layer is deterministic.
+        `context_rows` [G, B / G] shares a context between queries: `context` and `key_mask` then hold one row per
+        distinct context (an image), its keys and values are projected once per row, and query row i reads the
+        row `gather_rows` picks for it (the same numbers as repeating the context, at a fraction of the work).
         Returns the projected output [B, Q, width] and the float32 probabilities [B, heads, Q, K] (before dropout);
         a fused implementation never forms the probabilities and returns None in their place.
         """
         q, k, v = self.project(x, context)
+        if context_rows is not None:
+            k, v = gather_rows(k, context_rows), gather_rows(v, context_rows)
+            key_mask = None if key_mask is None else gather_rows(key_mask, context_rows)
         if self.implementation != "einsum" and (rngs is None or self.dropout.rate == 0):
             mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
             mixed = jax.nn.dot_product_attention(

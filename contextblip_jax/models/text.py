@@ -123,6 +123,7 @@ class TextLayer(nnx.Module):
         image_tokens: jax.Array | None = None,
         image_mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
+        image_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         def drop(y: jax.Array) -> jax.Array:
             return self.dropout(y, deterministic=rngs is None, rngs=rngs)
@@ -132,7 +133,7 @@ class TextLayer(nnx.Module):
         if image_tokens is not None:
             if self.cross_attn is None:
                 raise ValueError("this layer was built without cross-attention")
-            attended, probs = self.cross_attn(x, image_tokens, key_mask=image_mask, rngs=rngs)
+            attended, probs = self.cross_attn(x, image_tokens, image_mask, rngs, context_rows=image_rows)
             x = self.cross_norm(x + drop(attended))
         x = self.mlp_norm(x + drop(self.fc2(activation(self.activation)(self.fc1(x)))))
         return x, probs
@@ -156,8 +157,13 @@ class TextEncoder(nnx.Module):
         image_tokens: jax.Array | None = None,
         image_mask: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
+        image_rows: jax.Array | None = None,
     ) -> TextOutput:
         """`input_ids`, `attention_mask` [B, T] (mask 1 for real tokens); `image_tokens` [B, N, vision width].
+
+        With `image_rows` [G, B / G], `image_tokens` and `image_mask` hold one row per distinct image and text row
+        i cross-attends to the image `layers.gather_rows` picks for it: every layer projects an image's keys and
+        values once, however many texts read them.
 
         `input_ids` are used as given: whether the first token is `[CLS]` or `[ENC]` is the tokenizer's choice.
         `rngs` switches dropout on (training); without it the encoder is deterministic.
@@ -165,7 +171,7 @@ class TextEncoder(nnx.Module):
         x = _constrain(self.embeddings(input_ids, rngs))
 
         def apply(layer: TextLayer, x: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array | None]:
-            x, probs = layer(x, attention_mask, image_tokens, image_mask, rngs)
+            x, probs = layer(x, attention_mask, image_tokens, image_mask, rngs, image_rows)
             return _constrain(x), probs
 
         x, maps = run_blocks(self.layers, x, apply, remat_policy=self.remat_policy, scan=self.scan, rngs=rngs)

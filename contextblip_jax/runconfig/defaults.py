@@ -142,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             splits=("valid",),  # ImageCoDe splits evaluated during training
             batch_size=36,  # descriptions per evaluation batch (global)
+            group_by_set=True,  # each set's images encoded once for all its descriptions (data/grouped.py)
+            set_slots=0,  # sets per grouped batch (global); 0: half of batch_size, rounded up per data shard
         )
     )
     return c

@@ -57,6 +57,7 @@ BAD = {
     "dropout.tmim": (-0.1, "tmim dropout -0.1"),
     "eval.splits": (("valid", "dev"), r"eval.splits \['dev'\] unknown"),
     "eval.batch_size": (0, "eval.batch_size 0"),
+    "eval.set_slots": (-1, "eval.set_slots -1"),
     "data.root": ("/nowhere/imagecode", "data root /nowhere/imagecode does not exist"),
     "data.synthetic": (-1, "data.synthetic -1"),
     "data.batch_size": (0, "data.batch_size must be positive"),
@@ -85,7 +86,7 @@ BAD = {
 ANY_VALUE = {
     "seed", "scan_layers", "nan_check", "data.seed", "data.shuffle", "data.jpeg_draft", "data.num_epochs",
     "data.annotations", "data.tfds_dir", "data.vocab", "data.first_token", "data.synthetic_seed",
-    "data.worker_buffer", "data.augment.random_resized_crop",
+    "data.worker_buffer", "data.augment.random_resized_crop", "eval.group_by_set",
 }  # fmt: skip
 """Keys every value of whose type is valid (ml_collections refuses another type), or whose value is only checked
 where it is read (a vocabulary file, a first-token name the tokenizer knows, a TFDS folder)."""

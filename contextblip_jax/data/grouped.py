@@ -1,0 +1,152 @@
+"""Evaluation batches grouped by set: each set's 10 images come once, with every description of the set.
+
+ImageCoDe's sets carry 2.2 descriptions on average, each with its own target; a batch of descriptions with their
+10 images each encodes every image about twice. A grouped batch holds sets and descriptions apart:
+
+    images       [S, 10, H, W, 3]   S = groups x set slots (a padding slot is zeros)
+    input_ids    [B, T]             B = groups x description slots; also attention_mask, target, is_video,
+    example_id   [B]                example_id (-1: padding, dropped from every count)
+    set_index    [groups, B/groups] each description's set, counted within its group
+
+A group is the part of the batch one data shard holds (`parallel.batch_shards`): its descriptions read only its
+own sets, so sharding the leading axes puts a set and its descriptions on one device (`layers.gather_rows`).
+Shapes are static: a group is filled with whole sets, in file order, until its set slots or its description
+slots run out; a set with more descriptions than a group's slots is cut into several, each encoded once.
+
+    batches = grouped_dataset(config, split, source, Layout.of(batch_size=36, groups=1))
+
+Imports: its own package (`data`) only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from contextblip_jax.data import imagecode, transforms
+from contextblip_jax.data.imagecode import Example
+
+SET_INDEX = "set_index"  # the field `stages.SET_INDEX` names: the model reads it
+Chunk = tuple[int, ...]
+"""The example ids of one set slot: descriptions of one set, in file order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Slots of one data shard's group: `set_slots` sets and `description_slots` descriptions; `groups` groups
+    make a global batch."""
+
+    groups: int
+    set_slots: int
+    description_slots: int
+
+    @classmethod
+    def of(cls, batch_size: int, groups: int, set_slots: int = 0) -> Layout:
+        """`batch_size` descriptions (global) over `groups` shards; `set_slots` sets per batch (global; 0: half
+        the descriptions, rounded up: ImageCoDe's 2.2 descriptions per set then fill the description slots
+        first)."""
+        if batch_size % groups:
+            raise ValueError(f"eval.batch_size {batch_size} is not divisible by the {groups} data shards")
+        per_group = batch_size // groups
+        sets = set_slots or groups * math.ceil(per_group / 2)
+        if sets % groups:
+            raise ValueError(f"eval.set_slots {sets} is not divisible by the {groups} data shards")
+        return cls(groups, sets // groups, per_group)
+
+
+def set_chunks(examples: Sequence[Example], description_slots: int) -> list[Chunk]:
+    """Each set's example ids in file order (sets in order of first appearance), cut to at most
+    `description_slots` descriptions each."""
+    members: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        members.setdefault(example.set_name, []).append(index)
+    return [
+        tuple(ids[start : start + description_slots])
+        for ids in members.values()
+        for start in range(0, len(ids), description_slots)
+    ]
+
+
+def plan(chunks: Sequence[Chunk], layout: Layout) -> list[list[list[Chunk]]]:
+    """Batches of groups of chunks: each group takes whole chunks, in order, while both kinds of slot last."""
+    groups: list[list[Chunk]] = [[]]
+    used = 0
+    for chunk in chunks:
+        group = groups[-1]
+        if group and (len(group) == layout.set_slots or used + len(chunk) > layout.description_slots):
+            groups.append([])
+            group, used = groups[-1], 0
+        group.append(chunk)
+        used += len(chunk)
+    groups += [[] for _ in range(-len(groups) % layout.groups)]
+    return [groups[start : start + layout.groups] for start in range(0, len(groups), layout.groups)]
+
+
+@dataclasses.dataclass
+class PrepareGroup:
+    """One group's arrays: the first description of each chunk goes through `transform` (its 10 images decoded
+    once; a damaged set becomes padding, as per description), the others are only tokenised."""
+
+    transform: transforms.PrepareImageCode
+    source: Any
+    examples: Sequence[Example]
+    layout: Layout
+
+    def __call__(self, group: list[Chunk]) -> dict[str, np.ndarray]:
+        size = self.transform.image_size
+        images = np.zeros((self.layout.set_slots, imagecode.NUM_CANDIDATES, size, size, 3), np.float32)
+        rows = [self.transform.padding() for _ in range(self.layout.description_slots)]
+        set_index = np.zeros(self.layout.description_slots, np.int32)
+        at = 0
+        for slot, chunk in enumerate(group):
+            first = self.transform(self.source[chunk[0]])
+            if int(first["example_id"]) < 0:
+                at += len(chunk)
+                continue
+            images[slot] = first.pop("images")
+            rows[at], set_index[at] = first, slot
+            for offset, example_id in enumerate(chunk[1:], start=1):
+                example = self.examples[example_id]
+                input_ids, attention_mask = self.transform.tokenize(example.description)
+                rows[at + offset] = {
+                    "input_ids": input_ids,
+                    "attention_mask": attention_mask,
+                    "target": np.int32(example.target),
+                    "is_video": np.bool_(example.is_video),
+                    "example_id": np.int32(example_id),
+                }
+                set_index[at + offset] = slot
+            at += len(chunk)
+        fields = ("input_ids", "attention_mask", "target", "is_video", "example_id")
+        text = {name: np.stack([np.asarray(row[name]) for row in rows]) for name in fields}
+        return {"images": images, SET_INDEX: set_index, **text}
+
+
+def _merge(groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This host's groups [g, ...] as one host batch: sets and descriptions flattened, `set_index` kept [g, b]."""
+    return {name: value if name == SET_INDEX else value.reshape(-1, *value.shape[2:]) for name, value in groups.items()}
+
+
+def grouped_dataset(
+    transform: transforms.PrepareImageCode,
+    source: Any,
+    examples: Sequence[Example],
+    layout: Layout,
+    batches: list[list[list[Chunk]]],
+    shard: tuple[int, int],
+    threads: int = 16,
+) -> grain.IterDataset:
+    """This host's part of every planned batch (its consecutive groups), decoded by `threads` threads."""
+    index, count = shard
+    if layout.groups % count:
+        raise ValueError(f"{layout.groups} data shards cannot be split over {count} hosts")
+    per_host = layout.groups // count
+    mine = [group for batch in batches for group in batch[index * per_host : (index + 1) * per_host]]
+    ds = grain.MapDataset.source(mine).map(PrepareGroup(transform, source, examples, layout))
+    ds = ds.batch(per_host).map(_merge)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads))
