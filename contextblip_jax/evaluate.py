@@ -3,8 +3,9 @@
 Scores every description of a split against its 10 candidates with the run's best model (`W/best.json`; with
 `--checkpoint=latest` or `=STEP` another checkpoint; when W has none, e.g. for the zero-shot stage, the weights
 named by `config.init`) and prints accuracy overall / video / static as JSON, with the work it took: `sets`,
-`images_encoded` (images that went through the vision tower: 10 per set with `eval.group_by_set`, 10 per
-description without), and the scoring pass's `seconds` and `descriptions_per_s`. On the test split it writes the
+`images_encoded` (the real images encoded: 10 per set slot filled with `eval.group_by_set`, which is 10 per set
+unless a set has more descriptions than a shard's slots; 10 per description without; padding slots are not
+counted), and the scoring pass's `seconds` and `descriptions_per_s`. On the test split it writes the
 leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order. `--split=mmvp
 --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.

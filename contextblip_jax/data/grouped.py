@@ -13,7 +13,8 @@ own sets, so sharding the leading axes puts a set and its descriptions on one de
 Shapes are static: a group is filled with whole sets, in file order, until its set slots or its description
 slots run out; a set with more descriptions than a group's slots is cut into several, each encoded once.
 
-    batches = grouped_dataset(config, split, source, Layout.of(batch_size=36, groups=1))
+    layout = Layout.of(batch_size=36, groups=1)
+    batches = pipeline.grouped_imagecode_dataset(config, source, layout, plan(set_chunks(examples, 36), layout))
 
 Imports: its own package (`data`) only.
 """
@@ -56,6 +57,11 @@ class Layout:
         sets = set_slots or groups * math.ceil(per_group / 2)
         if sets % groups:
             raise ValueError(f"eval.set_slots {sets} is not divisible by the {groups} data shards")
+        if sets // groups > per_group:
+            raise ValueError(
+                f"eval.set_slots {sets} gives each of the {groups} data shards more set slots than its {per_group} "
+                "description slots: the extra ones could never be filled"
+            )
         return cls(groups, sets // groups, per_group)
 
 
@@ -77,6 +83,8 @@ def plan(chunks: Sequence[Chunk], layout: Layout) -> list[list[list[Chunk]]]:
     groups: list[list[Chunk]] = [[]]
     used = 0
     for chunk in chunks:
+        if not 0 < len(chunk) <= layout.description_slots:
+            raise ValueError(f"a chunk of {len(chunk)} descriptions does not fit {layout.description_slots} slots")
         group = groups[-1]
         if group and (len(group) == layout.set_slots or used + len(chunk) > layout.description_slots):
             groups.append([])
@@ -132,21 +140,19 @@ def _merge(groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: value if name == SET_INDEX else value.reshape(-1, *value.shape[2:]) for name, value in groups.items()}
 
 
-def grouped_dataset(
+def grouped_batches(
     transform: transforms.PrepareImageCode,
     source: Any,
     examples: Sequence[Example],
     layout: Layout,
     batches: list[list[list[Chunk]]],
     shard: tuple[int, int],
-    threads: int = 16,
-) -> grain.IterDataset:
-    """This host's part of every planned batch (its consecutive groups), decoded by `threads` threads."""
+) -> grain.MapDataset:
+    """This host's part of every planned batch (its consecutive groups), lazily: `pipeline.read_ahead` decodes."""
     index, count = shard
     if layout.groups % count:
         raise ValueError(f"{layout.groups} data shards cannot be split over {count} hosts")
     per_host = layout.groups // count
     mine = [group for batch in batches for group in batch[index * per_host : (index + 1) * per_host]]
     ds = grain.MapDataset.source(mine).map(PrepareGroup(transform, source, examples, layout))
-    ds = ds.batch(per_host).map(_merge)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads))
+    return ds.batch(per_host).map(_merge)

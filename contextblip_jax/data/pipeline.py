@@ -207,7 +207,12 @@ def build_dataset(
             ds = ds.shuffle()
         ds = ds.repeat(config.num_epochs)
     ds = ds.random_map(transform) if train else ds.map(transform)  # lazy: runs only on this host's elements
-    ds = ds[index::count].batch(config.batch_size // count, drop_remainder=train)
+    return read_ahead(ds[index::count].batch(config.batch_size // count, drop_remainder=train), config)
+
+
+def read_ahead(ds: grain.MapDataset, config: DataConfig) -> grain.IterDataset:
+    """Batches decoded ahead: `data.threads` threads and `data.prefetch` batches in the main process, or
+    `data.workers` worker processes. Every pipeline ends here, so none holds more batches than these allow."""
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.threads, prefetch_buffer_size=config.prefetch))
     if config.workers:
         if not flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags; outside an absl app
@@ -247,7 +252,7 @@ def grouped_imagecode_dataset(
     examples (the folder source): `batches` is `grouped.plan`'s, the same on every host."""
     transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train=False))
     shard = host_shard(shard_index, shard_count)
-    return grouped.grouped_dataset(transform, source, source.examples, layout, batches, shard, config.threads)
+    return read_ahead(grouped.grouped_batches(transform, source, source.examples, layout, batches, shard), config)
 
 
 def captions_dataset(

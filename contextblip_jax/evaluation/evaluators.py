@@ -8,7 +8,8 @@ per run and calls them at each evaluation; `evaluate.py` builds one for the spli
     rows = [e.run(lambda batch: predict(params, batch), step) for e in evaluators]
 
 With `eval.group_by_set` (the default) batches hold whole sets, each set's images once (`data/grouped.py`), so
-every image is encoded once per pass instead of once per description; the scores are the same.
+every image is encoded once per pass instead of once per description; the scores are the same up to float
+rounding.
 
 Imports: its own package (`evaluation`), `data`, `parallel`, `runconfig`, `stages`.
 """

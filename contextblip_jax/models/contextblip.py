@@ -192,7 +192,8 @@ class ContextBLIP(nnx.Module):
         [S, C, H, W, 3] hold each set once and `set_index` [G, B / G] names the set of each description, counted
         within its group (groups split both S and B into G equal blocks, one per data shard): every image then
         goes through the vision tower, the adapter and each text layer's key/value projections once, and all the
-        descriptions of its set read the result. The numbers equal repeating the set per description."""
+        descriptions of its set read the result. The numbers equal repeating the set per description, up to float
+        rounding."""
         count = images.shape[1]
         flat = images.reshape(images.shape[0] * count, *images.shape[2:])
         ids = jnp.repeat(input_ids, count, axis=0)

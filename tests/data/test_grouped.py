@@ -27,7 +27,7 @@ def examples_of(descriptions_per_set: list[int]) -> list[Example]:
     set_slots=st.integers(0, 3),
 )
 def test_the_plan_places_every_description_once_within_the_slots(counts, groups, per_group, set_slots):
-    layout = grouped.Layout.of(groups * per_group, groups, set_slots * groups)
+    layout = grouped.Layout.of(groups * per_group, groups, min(set_slots, per_group) * groups)
     examples = examples_of(counts)
     batches = grouped.plan(grouped.set_chunks(examples, layout.description_slots), layout)
     placed = [i for batch in batches for group in batch for chunk in group for i in chunk]
@@ -52,6 +52,10 @@ def test_a_layout_that_does_not_split_over_the_shards_is_refused():
         grouped.Layout.of(6, 4)
     with pytest.raises(ValueError, match=r"eval\.set_slots 3 is not divisible"):
         grouped.Layout.of(8, 2, set_slots=3)
+    with pytest.raises(ValueError, match="more set slots than its 2 description slots"):
+        grouped.Layout.of(4, 2, set_slots=6)
+    with pytest.raises(ValueError, match="a chunk of 3 descriptions does not fit 2 slots"):
+        grouped.plan([(0, 1, 2)], grouped.Layout(1, 1, 2))
     assert grouped.Layout.of(36, 1) == grouped.Layout(1, 18, 36)
 
 
