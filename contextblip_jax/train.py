@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -259,7 +260,8 @@ def _summary(result: dict, workdir: str) -> str:
     if "preempted_at" in result:
         return f"preempted at step {result['preempted_at']}: checkpoint saved; run the same command to resume"
     rows = [f"best {split} acc {row['acc']:.3f} at step {row['step']}" for split, row in result["best"].items()]
-    files = ", ".join(name for name in ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/"))
+    names = ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/")
+    files = ", ".join(name for name in names if os.path.exists(os.path.join(workdir, name))) or "nothing written"
     return f"done: {'; '.join(rows) or 'no evaluation'}. In {workdir}: {files}"
 
 

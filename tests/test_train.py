@@ -235,3 +235,13 @@ def test_predict_command_ranks_a_set(trained, data_root):
     ranking = json.loads(result.stdout)["ranking"]
     assert sorted(r["index"] for r in ranking) == list(range(10))
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+
+
+def test_the_done_line_names_only_the_files_the_run_wrote(tmp_path):
+    """A run that never evaluated has no curve and no best file: the last line a person reads lists what is there."""
+    from contextblip_jax.train import _summary
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "checkpoints").mkdir()
+    line = _summary({"best": {}}, str(tmp_path))
+    assert line == f"done: no evaluation. In {tmp_path}: metrics.jsonl, checkpoints/"
