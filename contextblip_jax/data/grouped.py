@@ -120,14 +120,9 @@ class PrepareGroup:
             rows[at], set_index[at] = first, slot
             for offset, example_id in enumerate(chunk[1:], start=1):
                 example = self.examples[example_id]
-                input_ids, attention_mask = self.transform.tokenize(example.description)
-                rows[at + offset] = {
-                    "input_ids": input_ids,
-                    "attention_mask": attention_mask,
-                    "target": np.int32(example.target),
-                    "is_video": np.bool_(example.is_video),
-                    "example_id": np.int32(example_id),
-                }
+                rows[at + offset] = self.transform.description(
+                    example.description, example.target, example.is_video, example_id
+                )
                 set_index[at + offset] = slot
             at += len(chunk)
         fields = ("input_ids", "attention_mask", "target", "is_video", "example_id")

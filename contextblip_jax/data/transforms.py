@@ -145,13 +145,16 @@ class PrepareImageCode(Prepare):
         names = [f"{imagecode.IMAGE_DIR}/{set_name}/{name}" for name in element["image_names"]]
         images, mirror_text = self.images(element["images"], names, set_name, rng)
         text = augment.flip_text(element["description"]) if mirror_text else element["description"]
+        return {"images": images, **self.description(text, element["target"], element["is_video"], example_id)}
+
+    def description(self, text: str, target: int, is_video: bool, example_id: int) -> dict[str, Any]:
+        """A description's fields without its images (grouped batches give a set's images once, `grouped.py`)."""
         input_ids, attention_mask = self.tokenize(text)
         return {
-            "images": images,
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "target": np.int32(element["target"]),
-            "is_video": np.bool_(element["is_video"]),
+            "target": np.int32(target),
+            "is_video": np.bool_(is_video),
             "example_id": np.int32(example_id),
         }
 

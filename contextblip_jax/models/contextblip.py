@@ -172,11 +172,17 @@ class ContextBLIP(nnx.Module):
         return adapted, out.last_hidden_state
 
     def match(
-        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, rngs: nnx.Rngs | None = None
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        image_rows: jax.Array | None = None,
     ) -> TextOutput:
         """The ITM pass: text (with `[ENC]` first) cross-attending to the adapted image tokens. `rngs`: the text
-        encoder's dropout (`set_dropout`)."""
-        return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask, rngs)
+        encoder's dropout (`set_dropout`); `image_rows`: which image each text reads when texts share images
+        (`TextEncoder`)."""
+        return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask, rngs, image_rows)
 
     def _candidates(
         self,
@@ -208,8 +214,7 @@ class ContextBLIP(nnx.Module):
                 )
             candidate = jnp.arange(count, dtype=set_index.dtype)
             rows = (set_index[..., None] * count + candidate).reshape(groups, per_group * count)
-        features = self.adapted_features(flat)[0]
-        first = self.blip.multimodal(features, ids, mask, rngs, image_rows=rows).last_hidden_state[:, 0]
+        first = self.match(flat, ids, mask, rngs, image_rows=rows).last_hidden_state[:, 0]
         return first.reshape(input_ids.shape[0], count, -1)
 
     # -- one method per stage --------------------------------------------------------------------------------
