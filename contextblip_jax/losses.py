@@ -66,9 +66,12 @@ def tmim_loss(predicted: jax.Array, target: jax.Array) -> jax.Array:
 
 def candidate_loss(logits: jax.Array, target: jax.Array, reduction: str = "sum") -> jax.Array:
     """Cross-entropy over each description's candidate logits [B, 10]; summed over descriptions as the authors
-    do (`reduction="mean"` averages)."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), target)
-    return losses.sum() if reduction == "sum" else losses.mean()
+    do (`reduction="mean"` averages). A target below 0 marks a padding slot (grouped batches): it adds
+    nothing and is not counted."""
+    real = target >= 0
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.maximum(target, 0))
+    total = jnp.sum(jnp.where(real, losses, 0.0))
+    return total if reduction == "sum" else total / jnp.maximum(real.sum(), 1)
 
 
 def mask_prediction_loss(mask_logits: jax.Array, masked: jax.Array) -> jax.Array:

@@ -115,13 +115,16 @@ def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = No
 
 
 def _candidate_loss(score: ScoreFn) -> LossFn:
-    """Cross-entropy over each description's candidate scores (dropout on), summed over descriptions."""
+    """Cross-entropy over each description's candidate scores (dropout on), summed over descriptions; metrics:
+    the accuracy of the real descriptions and `filled`, the share of description slots they fill."""
 
     def loss(model: ContextBLIP, batch: Batch, key: jax.Array, config: Any, groups: int = 1):
         del config, groups
         logits = score(model, batch, rngs=nnx.Rngs(dropout=key))
-        correct = (jnp.argmax(logits, axis=-1) == batch["target"]).astype(jnp.float32)
-        return losses.candidate_loss(logits, batch["target"], "sum"), {"accuracy": correct.mean()}
+        real = batch["target"] >= 0  # grouped batches pad the description slots their set slots could not fill
+        correct = jnp.sum(real & (jnp.argmax(logits, axis=-1) == batch["target"]))
+        metrics = {"accuracy": correct / jnp.maximum(real.sum(), 1), "filled": real.mean()}
+        return losses.candidate_loss(logits, batch["target"], "sum"), metrics
 
     return loss
 

@@ -101,7 +101,7 @@ def _train(
     parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
 
     # ---- Input -------------------------------------------------------------------------------------------
-    train_input = inputs.train_input(config, stage)
+    train_input = inputs.train_input(config, stage, parallel.batch_shards(mesh))
     iterator = iter(train_input.dataset)
 
     # ---- Model, shardings and steps, in their shards: a previous checkpoint of this run wins over `config.init` --

@@ -245,3 +245,15 @@ def test_the_done_line_names_only_the_files_the_run_wrote(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     line = _summary({"best": {}}, str(tmp_path))
     assert line == f"done: no evaluation. In {tmp_path}: metrics.jsonl, checkpoints/"
+
+
+def test_grouped_batches_train_with_micro_batches_and_report_the_filled_slots(tmp_path, data_root):
+    """Whole-set batches (`data.group_by_set`) through the trainer, cut into 2 micro-batches of whole groups."""
+    workdir = str(tmp_path / "w")
+    config = run_config(
+        data_root, total_steps=3, data__group_by_set=True, grad_accum_steps=2, eval_every=0, log_every=1
+    )
+    train.train(config, workdir)
+    rows = [r for r in read_metrics(workdir) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and 0 < r["filled"] <= 1 for r in rows)

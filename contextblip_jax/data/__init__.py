@@ -11,12 +11,10 @@ augment.py     random resized crop, RandAugment (the project's ops or BLIP's), f
 text_cleaning.py  the authors' `pre_caption` text cleaning (fine-tuning and stage-1 rules)
 transforms.py  per-example work done in the pipeline's workers
 pipeline.py    grain: shards, shuffle, batches, resumable iterators, global jax.Arrays
-inputs.py      what a run reads, from its config: a stage's training input, the generated main-job data
+grouped.py     batches of whole sets (each set's images once, with all its descriptions); evaluation's plan
+set_sampler.py the training plan of grouped batches: seeded set order, packed epoch after epoch, resumable
 benchmark.py   input throughput
 errors.py      DataError and the raise-or-skip policy
-
-Modules here import only each other, except `inputs.py`, which reads the stage table to know what a stage's
-batches hold.
 
 Imports, for every module here: each other only.
 """

@@ -1,11 +1,13 @@
-"""Evaluation batches grouped by set: each set's 10 images come once, with every description of the set.
+"""Batches grouped by set: each set's 10 images come once, with every description of the set. Evaluation's plan
+is here (file order, one pass); training's shuffled, repeated one is `set_sampler.py`; both fill `Layout`'s slots
+through `PrepareGroup`.
 
 ImageCoDe's sets carry 2.2 descriptions on average, each with its own target; a batch of descriptions with their
 10 images each encodes every image about twice. A grouped batch holds sets and descriptions apart:
 
     images       [S, 10, H, W, 3]   S = groups x set slots (a padding slot is zeros)
     input_ids    [B, T]             B = groups x description slots; also attention_mask, target, is_video,
-    example_id   [B]                example_id (-1: padding, dropped from every count)
+    example_id   [B]                example_id (-1: padding, dropped from every count; target -1 in training)
     set_index    [groups, B/groups] each description's set, counted within its group
 
 A group is the part of the batch one data shard holds (`parallel.batch_shards`): its descriptions read only its
@@ -28,8 +30,10 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
-from contextblip_jax.data import imagecode, transforms
+from contextblip_jax.data import augment, imagecode, transforms
+from contextblip_jax.data.errors import SKIPPED_FIELD, DataError, check_readable
 from contextblip_jax.data.imagecode import Example
 
 SET_INDEX = "set_index"  # the field `stages.SET_INDEX` names: the model reads it
@@ -47,33 +51,37 @@ class Layout:
     description_slots: int
 
     @classmethod
-    def of(cls, batch_size: int, groups: int, set_slots: int = 0) -> Layout:
+    def of(cls, batch_size: int, groups: int, set_slots: int = 0, section: str = "eval") -> Layout:
         """`batch_size` descriptions (global) over `groups` shards; `set_slots` sets per batch (global; 0: half
         the descriptions, rounded up: ImageCoDe's 2.2 descriptions per set then fill the description slots
-        first)."""
+        first). `section`: the config section errors name (`eval`, or `data` for training)."""
         if batch_size % groups:
-            raise ValueError(f"eval.batch_size {batch_size} is not divisible by the {groups} data shards")
+            raise ValueError(f"{section}.batch_size {batch_size} is not divisible by the {groups} data shards")
         per_group = batch_size // groups
         sets = set_slots or groups * math.ceil(per_group / 2)
         if sets % groups:
-            raise ValueError(f"eval.set_slots {sets} is not divisible by the {groups} data shards")
+            raise ValueError(f"{section}.set_slots {sets} is not divisible by the {groups} data shards")
         if sets // groups > per_group:
             raise ValueError(
-                f"eval.set_slots {sets} gives each of the {groups} data shards more set slots than its {per_group} "
-                "description slots: the extra ones could never be filled"
+                f"{section}.set_slots {sets} gives each of the {groups} data shards more set slots than its "
+                f"{per_group} description slots: the extra ones could never be filled"
             )
         return cls(groups, sets // groups, per_group)
 
 
-def set_chunks(examples: Sequence[Example], description_slots: int) -> list[Chunk]:
-    """Each set's example ids in file order (sets in order of first appearance), cut to at most
-    `description_slots` descriptions each."""
+def set_members(examples: Sequence[Example]) -> list[Chunk]:
+    """Each set's example ids in file order, sets in order of first appearance."""
     members: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         members.setdefault(example.set_name, []).append(index)
+    return [tuple(ids) for ids in members.values()]
+
+
+def set_chunks(examples: Sequence[Example], description_slots: int) -> list[Chunk]:
+    """`set_members`, each cut to at most `description_slots` descriptions."""
     return [
-        tuple(ids[start : start + description_slots])
-        for ids in members.values()
+        ids[start : start + description_slots]
+        for ids in set_members(examples)
         for start in range(0, len(ids), description_slots)
     ]
 
@@ -97,40 +105,50 @@ def plan(chunks: Sequence[Chunk], layout: Layout) -> list[list[list[Chunk]]]:
 
 @dataclasses.dataclass
 class PrepareGroup:
-    """One group's arrays: the first description of each chunk goes through `transform` (its 10 images decoded
-    once; a damaged set becomes padding, as per description), the others are only tokenised."""
+    """One group's arrays: each chunk's 10 images decoded once (in training with one augmentation draw, whose
+    text-aware flip mirrors every description of the chunk), its descriptions only tokenised. A damaged set
+    becomes padding under `on_error="skip"` (logged; training counts its descriptions as skipped)."""
 
     transform: transforms.PrepareImageCode
     source: Any
     examples: Sequence[Example]
     layout: Layout
 
-    def __call__(self, group: list[Chunk]) -> dict[str, np.ndarray]:
+    def __call__(self, group: list[Chunk], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         size = self.transform.image_size
         images = np.zeros((self.layout.set_slots, imagecode.NUM_CANDIDATES, size, size, 3), np.float32)
         rows = [self.transform.padding() for _ in range(self.layout.description_slots)]
         set_index = np.zeros(self.layout.description_slots, np.int32)
-        at = 0
+        at = skipped = 0
         for slot, chunk in enumerate(group):
-            first = self.transform(self.source[chunk[0]])
-            if int(first["example_id"]) < 0:
+            try:
+                images[slot], mirror = self.transform.set_images(check_readable(self.source[chunk[0]]), rng)
+            except DataError as error:
+                if self.transform.on_error == "raise":
+                    raise
+                skipped += len(chunk)
+                logging.warning(
+                    "skipped the %d description(s) of a damaged set, padding instead: %s",
+                    len(chunk),
+                    error,
+                )
                 at += len(chunk)
                 continue
-            images[slot] = first.pop("images")
-            rows[at], set_index[at] = first, slot
-            for offset, example_id in enumerate(chunk[1:], start=1):
+            for offset, example_id in enumerate(chunk):
                 example = self.examples[example_id]
-                rows[at + offset] = self.transform.description(
-                    example.description, example.target, example.is_video, example_id
-                )
+                text = augment.flip_text(example.description) if mirror else example.description
+                rows[at + offset] = self.transform.description(text, example.target, example.is_video, example_id)
                 set_index[at + offset] = slot
             at += len(chunk)
         fields = ("input_ids", "attention_mask", "target", "is_video", "example_id")
         text = {name: np.stack([np.asarray(row[name]) for row in rows]) for name in fields}
-        return {"images": images, SET_INDEX: set_index, **text}
+        out = {"images": images, SET_INDEX: set_index, **text}
+        if self.transform.train:
+            out[SKIPPED_FIELD] = np.int32(skipped)
+        return out
 
 
-def _merge(groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def merge_groups(groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This host's groups [g, ...] as one host batch: sets and descriptions flattened, `set_index` kept [g, b]."""
     return {name: value if name == SET_INDEX else value.reshape(-1, *value.shape[2:]) for name, value in groups.items()}
 
@@ -150,4 +168,4 @@ def grouped_batches(
     per_host = layout.groups // count
     mine = [group for batch in batches for group in batch[index * per_host : (index + 1) * per_host]]
     ds = grain.MapDataset.source(mine).map(PrepareGroup(transform, source, examples, layout))
-    return ds.batch(per_host).map(_merge)
+    return ds.batch(per_host).map(merge_groups)

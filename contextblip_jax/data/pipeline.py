@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from contextblip_jax.data import captions, grouped, imagecode, text_cleaning, transforms
+from contextblip_jax.data import captions, grouped, imagecode, set_sampler, text_cleaning, transforms
 from contextblip_jax.data.augment import AugmentConfig
 from contextblip_jax.data.errors import check_on_error
 
@@ -71,6 +71,10 @@ class DataConfig:
         --config`'s text, MMVP statements read with `mmvp.read_pairs(..., pre_caption_words=N)`.
         pre_caption_rules: "albef" (the authors' fine-tuning and evaluation rules: punctuation deleted) or "blip"
         (their stage-1 reader's: `.!"()*#:;~` become spaces, `,'?-/` stay).
+    group_by_set (training, ImageCoDe): batches of whole sets, each set's images decoded, augmented (one draw)
+        and encoded once for all its descriptions (`set_sampler.py`); needs the folder source and one draw per
+        example (not augment.per_image). set_slots: sets per global batch (0: half of batch_size, rounded up
+        per data shard; `grouped.Layout.of`).
     augment: `AugmentConfig` fields (random_resized_crop, crop_scale, crop_ratio, randaugment_layers,
         randaugment_magnitude, ops "project"|"blip", flip "off"|"text_aware"|"plain", flip_probability,
         per_image: one draw per image instead of one per example), training only.
@@ -97,6 +101,8 @@ class DataConfig:
     pre_caption_words: int = 0
     pre_caption_rules: str = "albef"
     caption_sampling: str = "image"
+    group_by_set: bool = False
+    set_slots: int = 0
     augment: AugmentConfig | Mapping[str, Any] = dataclasses.field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -117,6 +123,13 @@ class DataConfig:
             raise ValueError(
                 f"data.pre_caption_rules must be one of {text_cleaning.RULES}, got {self.pre_caption_rules!r}"
             )
+        if self.group_by_set and self.augment.per_image:
+            raise ValueError(
+                "data.group_by_set shares one augmentation draw among a set's descriptions: it cannot be combined "
+                "with data.augment.per_image (draws per image and per description, the authors' recipe)"
+            )
+        if self.set_slots < 0:
+            raise ValueError(f"data.set_slots {self.set_slots} must be 0 (automatic) or positive")
         if self.caption_sampling not in CAPTION_SAMPLING:
             raise ValueError(f"data.caption_sampling must be one of {CAPTION_SAMPLING}, got {self.caption_sampling!r}")
 
@@ -253,6 +266,30 @@ def grouped_imagecode_dataset(
     transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train=False))
     shard = host_shard(shard_index, shard_count)
     return read_ahead(grouped.grouped_batches(transform, source, source.examples, layout, batches, shard), config)
+
+
+def grouped_train_dataset(
+    config: DataConfig,
+    source: Any,
+    layout: grouped.Layout,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Training batches grouped by set (`set_sampler.py`), shuffled, repeated and augmented, over a source that
+    lists its examples (the folder source). Each global group draws its augmentation from the seed and its
+    global position, so the batches do not depend on the host, worker or thread count."""
+    if not hasattr(source, "examples"):
+        raise ValueError('data.group_by_set needs data.source="folder": the records source does not list its sets')
+    index, count = host_shard(shard_index, shard_count)
+    if layout.groups % count:
+        raise ValueError(f"{layout.groups} data shards cannot be split over {count} hosts")
+    plan = set_sampler.SetGroups(
+        grouped.set_members(source.examples), layout, config.seed, config.shuffle, config.num_epochs
+    )
+    transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train=True))
+    prepare = grouped.PrepareGroup(transform, source, source.examples, layout)
+    ds = grain.MapDataset.source(plan).seed(config.seed).random_map(prepare)
+    return read_ahead(ds.batch(layout.groups // count)[index::count].map(grouped.merge_groups), config)
 
 
 def captions_dataset(

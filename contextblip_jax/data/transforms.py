@@ -141,11 +141,15 @@ class PrepareImageCode(Prepare):
     """ImageCoDe record → 10 normalised images, the tokenised description (left/right swapped by a text-aware flip)."""
 
     def prepare(self, element: dict[str, Any], example_id: int, rng: np.random.Generator | None) -> dict[str, Any]:
-        set_name = element["set_name"]
-        names = [f"{imagecode.IMAGE_DIR}/{set_name}/{name}" for name in element["image_names"]]
-        images, mirror_text = self.images(element["images"], names, set_name, rng)
+        images, mirror_text = self.set_images(element, rng)
         text = augment.flip_text(element["description"]) if mirror_text else element["description"]
         return {"images": images, **self.description(text, element["target"], element["is_video"], example_id)}
+
+    def set_images(self, element: dict[str, Any], rng: np.random.Generator | None) -> tuple[np.ndarray, bool]:
+        """The record's 10 images [10, S, S, 3] under one draw, and whether its texts must follow a flip."""
+        set_name = element["set_name"]
+        names = [f"{imagecode.IMAGE_DIR}/{set_name}/{name}" for name in element["image_names"]]
+        return self.images(element["images"], names, set_name, rng)
 
     def description(self, text: str, target: int, is_video: bool, example_id: int) -> dict[str, Any]:
         """A description's fields without its images (grouped batches give a set's images once, `grouped.py`)."""

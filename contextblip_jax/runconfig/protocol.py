@@ -11,6 +11,7 @@ keys after it (`--config.data.max_text_length=64`). `docs/fidelity.md` gives eve
 | data.augment.per_image    | True           | False           | independent draws make candidates differ           |
 | data.augment.ops          | blip           | project         | the project's adds contrast, bounds shifts         |
 | data.augment.flip         | plain          | text_aware      | a flip swaps "left"/"right" in the text too         |
+| data.group_by_set         | False          | True            | a set's images encoded once for its descriptions    |
 | loss.negatives            | per_device     | global          | harder negatives from every device's examples       |
 | loss.tmim_token           | batch          | example         | one real token per example, never padding           |
 
@@ -44,6 +45,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "data.augment.per_image": True,
         "data.augment.ops": "blip",
         "data.augment.flip": "plain",
+        "data.group_by_set": False,
         "loss.negatives": "per_device",
         "loss.tmim_token": "batch",
     },
@@ -54,6 +56,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "data.augment.per_image": False,
         "data.augment.ops": "project",
         "data.augment.flip": "text_aware",
+        "data.group_by_set": True,
         "loss.negatives": "global",
         "loss.tmim_token": "example",
     },

@@ -23,15 +23,16 @@ import ml_collections
 import numpy as np
 
 from contextblip_jax import runconfig
-from contextblip_jax.data import imagecode, synthetic
+from contextblip_jax.data import grouped, imagecode, synthetic
 from contextblip_jax.data.errors import SKIPPED_FIELD
 from contextblip_jax.data.pipeline import (
     caption_source,
     captions_dataset,
+    grouped_train_dataset,
     imagecode_dataset,
     imagecode_source,
 )
-from contextblip_jax.stages import Stage
+from contextblip_jax.stages import SET_INDEX, Stage
 
 SYNTHETIC_CAPTIONS = "captions.json"
 """Stage 1's caption file, written beside the generated sets: each training target with its description."""
@@ -46,9 +47,10 @@ class TrainInput:
     examples_per_epoch: int
 
 
-def train_input(config: ml_collections.ConfigDict, stage: Stage) -> TrainInput:
+def train_input(config: ml_collections.ConfigDict, stage: Stage, batch_shards: int = 1) -> TrainInput:
     """The stage's training data (ImageCoDe descriptions or stage 1's captions), generating it first when
-    `data.synthetic` asks."""
+    `data.synthetic` asks. With `data.group_by_set` ImageCoDe batches hold whole sets (`set_sampler.py`) in one
+    group per data shard (`batch_shards`) and micro-batch (`grad_accum_steps`), and carry their `set_index`."""
     ensure_synthetic_data(config)
     data = runconfig.data_config(config, train=True)
     if stage.data == "captions":
@@ -56,10 +58,18 @@ def train_input(config: ml_collections.ConfigDict, stage: Stage) -> TrainInput:
             data = dataclasses.replace(data, annotations=(os.path.join(data.root, SYNTHETIC_CAPTIONS),))
         source = caption_source(data)
         dataset = captions_dataset(data, train=True, source=source)
+        fields = stage.batch_fields
+    elif data.group_by_set:
+        source = imagecode_source(data, "train")
+        groups = batch_shards * config.grad_accum_steps
+        layout = grouped.Layout.of(data.batch_size, groups, data.set_slots, section="data")
+        dataset = grouped_train_dataset(data, source, layout)
+        fields = (*stage.batch_fields, SET_INDEX)
     else:
         source = imagecode_source(data, "train")
         dataset = imagecode_dataset(data, "train", train=True, source=source)
-    return TrainInput(dataset.map(_Select(stage.batch_fields)), len(source))
+        fields = stage.batch_fields
+    return TrainInput(dataset.map(_Select(fields)), len(source))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from contextblip_jax.models.contextblip import ContextBLIP
 from contextblip_jax.models.layers import dotted_path
-from contextblip_jax.stages import Stage
+from contextblip_jax.stages import SET_INDEX, Stage
 
 Params = dict[str, jax.Array]
 
@@ -73,7 +73,27 @@ def micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> Mapping[s
     an equal share on each device: each accumulation step runs on all of them without moving examples. Consecutive
     micro-batches would each lie on some of the devices only, and XLA would gather them (or leave devices idle).
     """
+    if SET_INDEX in batch:
+        return _grouped_micro_batches(batch, accum_steps)
     return jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _grouped_micro_batches(batch: Mapping[str, jax.Array], accum_steps: int) -> dict[str, jax.Array]:
+    """A grouped batch (`data/grouped.py`) as micro-batches of whole groups, taken by stride as above: each
+    group's sets and descriptions stay together, and every device keeps its share (the plan made `groups` a
+    multiple of data shards × `accum_steps`, `training/inputs.py`)."""
+    groups = batch[SET_INDEX].shape[0]
+    if groups % accum_steps:
+        raise ValueError(f"a grouped batch of {groups} groups cannot be cut into {accum_steps} micro-batches")
+
+    def split(x: jax.Array) -> jax.Array:
+        blocks = x.reshape(groups // accum_steps, accum_steps, -1, *x.shape[1:]).swapaxes(0, 1)
+        return blocks.reshape(accum_steps, -1, *x.shape[1:])
+
+    out = {name: split(value) for name, value in batch.items() if name != SET_INDEX}
+    index = batch[SET_INDEX]
+    out[SET_INDEX] = index.reshape(groups // accum_steps, accum_steps, -1).swapaxes(0, 1)
+    return out
 
 
 def micro_batch_groups(batch_shards: int, accum_steps: int, batch_size: int) -> int:

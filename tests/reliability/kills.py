@@ -45,7 +45,6 @@ SETTINGS = {
     "eval_every": 4,
     "eval.splits": ("valid",),
 }
-FLAGS = tuple(f"--config.{key}={value!r}" for key, value in SETTINGS.items())
 TIMED = ("examples_per_s",)
 """Fields of a train row that measure the machine rather than the run."""
 KINDS = ("write", "step", "start")
@@ -90,9 +89,16 @@ def resumed_from(stderr: str) -> int | None:
     return int(stderr.split(marker)[1].split()[0])
 
 
-def start(workdir: str, data_root: str, steps: int, log_path: str) -> tuple[subprocess.Popen, object]:
+def flags(settings: dict) -> list[str]:
+    """Command-line overrides: a string as written (the flag parser keeps quotes), anything else as a literal."""
+    return [f"--config.{key}={value if isinstance(value, str) else repr(value)}" for key, value in settings.items()]
+
+
+def start(
+    workdir: str, data_root: str, steps: int, log_path: str, settings: dict = SETTINGS
+) -> tuple[subprocess.Popen, object]:
     log = open(log_path, "w")  # noqa: SIM115 - closed by the caller once the process is gone
-    command = train_command(workdir, data_root, *FLAGS, f"--config.total_steps={steps}")
+    command = train_command(workdir, data_root, *flags(settings), f"--config.total_steps={steps}")
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True), log
 
 
@@ -128,13 +134,20 @@ class Watch:
 
 
 def kill_once(
-    workdir: str, data_root: str, steps: int, kind: str, rng: random.Random, warm_up_s: float, log_path: str
+    workdir: str,
+    data_root: str,
+    steps: int,
+    kind: str,
+    rng: random.Random,
+    warm_up_s: float,
+    log_path: str,
+    settings: dict = SETTINGS,
 ) -> Kill | None:
     """Starts the run, kills (or with `kind="term"` preempts) it as `kind` says; None when it finished before the
     moment came. `warm_up_s` is how long a process took to reach its first checkpoint before (`start` kills fall
     before that)."""
     watch = Watch(workdir, kind, rng, warm_up_s)
-    process, log = start(workdir, data_root, steps, log_path)
+    process, log = start(workdir, data_root, steps, log_path, settings)
     inside_write = False
     sent = signal.SIGTERM if kind == "term" else signal.SIGKILL
     try:
@@ -173,8 +186,8 @@ def preempted_at(output: str) -> int | None:
     return None
 
 
-def finish(workdir: str, data_root: str, steps: int, log_path: str) -> str:
-    process, log = start(workdir, data_root, steps, log_path)
+def finish(workdir: str, data_root: str, steps: int, log_path: str, settings: dict = SETTINGS) -> str:
+    process, log = start(workdir, data_root, steps, log_path, settings)
     try:
         process.wait(timeout=TIMEOUT_S)
     finally:
@@ -203,9 +216,13 @@ def comparable_rows(workdir: str) -> list[str]:
     return sorted(json.dumps({k: v for k, v in r.items() if k not in TIMED}, sort_keys=True) for r in rows)
 
 
-def run(kills: int, seed: int, data_root: str, base: str, steps: int, terms: int = 0) -> dict:
+def run(
+    kills: int, seed: int, data_root: str, base: str, steps: int, terms: int = 0, extra: dict | None = None
+) -> dict:
     """Preempts a `steps`-step run `terms` times, then kills it `kills` times, resumes it to the end, and compares it
-    with an uninterrupted one; returns the report (raises AssertionError on any difference)."""
+    with an uninterrupted one; returns the report (raises AssertionError on any difference). `extra`: run-config
+    keys (dotted) on top of `SETTINGS`."""
+    settings = {**SETTINGS, **(extra or {})}
     rng = random.Random(seed)
     began = time.monotonic()
     interrupted, straight = os.path.join(base, "interrupted"), os.path.join(base, "straight")
@@ -214,15 +231,15 @@ def run(kills: int, seed: int, data_root: str, base: str, steps: int, terms: int
     warm_up_s = 12.0  # until a write or step kill has measured it
     for attempt, kind in enumerate(kinds, 1):
         kill = kill_once(
-            interrupted, data_root, steps, kind, rng, warm_up_s, os.path.join(base, f"attempt-{attempt}.log")
+            interrupted, data_root, steps, kind, rng, warm_up_s, os.path.join(base, f"attempt-{attempt}.log"), settings
         )
         if kill is None:
             raise AssertionError(f"the run finished before interruption {attempt}: give it more steps than {steps}")
         warm_up_s = kill.warmed_up_s or warm_up_s
         done.append(kill)
-    output = finish(interrupted, data_root, steps, os.path.join(base, "final.log"))
-    settings = {key.replace(".", "__"): value for key, value in SETTINGS.items()}
-    train.train(run_config(data_root, total_steps=steps, **settings), straight)
+    output = finish(interrupted, data_root, steps, os.path.join(base, "final.log"), settings)
+    overrides = {key.replace(".", "__"): value for key, value in settings.items()}
+    train.train(run_config(data_root, total_steps=steps, **overrides), straight)
 
     chex.assert_trees_all_equal(final_state(interrupted, steps), final_state(straight, steps))
     got, expected = comparable_rows(interrupted), comparable_rows(straight)

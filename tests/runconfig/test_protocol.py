@@ -37,6 +37,7 @@ def test_the_two_protocols_differ_in_the_documented_keys_only():
         "data.augment.per_image",
         "data.augment.ops",
         "data.augment.flip",
+        "data.group_by_set",
         "loss.negatives",
         "loss.tmim_token",
     }
