@@ -15,8 +15,10 @@ Measurements:
 `--compare=torch,torch_compile` adds the same computation in PyTorch (`torch_steps.py`; stage 2a training and
 zero-shot scoring), eager and under `torch.compile`, holding the JAX model's weights and fed the same batch.
 Before anything is timed, the first loss (train) or scores (eval) of each side must agree with JAX's within 1e-4
-(relative for the loss, absolute for the scores) in float32, else the benchmark stops; in bfloat16 the
-difference is reported. The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
+(relative for the loss, absolute for the scores) in float32, and a train step's parameters after that first
+update (the adapter, the head, the first ViT block and text layer) within 1% of the update's size, else the
+benchmark stops; in bfloat16 the differences are reported (`difference_vs_jax`, `update_difference_vs_jax`).
+The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
 machine's load hits all alike.
 
 `--profile=DIR` traces one more JAX call into DIR and adds a row of time per kind of XLA operation
@@ -97,18 +99,37 @@ _PROFILE = flags.DEFINE_string(
 _OUT = flags.DEFINE_string("out", "", "Sweeps: folder for sweep_<kind>.jsonl and sweep_<kind>.png (default: .).")
 
 
-def agreement(name: str, jax_side: Prepared, other: Prepared, train: bool, dtype: str) -> float:
-    """The difference between two sides' first outputs; in float32 over 1e-4 it stops the benchmark."""
+UPDATE_TOLERANCE = 1e-2
+"""The largest gap between two sides' parameters after one update, over the update's own size (float32)."""
+
+
+def agreement(
+    name: str, jax_side: Prepared, other: Prepared, setup: Setup, params: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """The differences between two sides' first outputs and, for a train step given the starting `params`, their
+    parameters after that first update (`torch_steps.update_difference`); in float32 a first output over 1e-4
+    apart, or an update over `UPDATE_TOLERANCE` of its size apart, stops the benchmark."""
+    train = setup.train
     if train:
         difference = float(abs(other.first - jax_side.first) / max(abs(float(jax_side.first)), 1.0))
     else:
         difference = float(np.max(np.abs(other.first - jax_side.first)))
-    if dtype == "float32" and difference > 1e-4:
+    if setup.dtype == "float32" and difference > 1e-4:
         raise SystemExit(
             f"{name} computes something else than JAX: first {'loss' if train else 'scores'} {other.first} "
             f"against {jax_side.first} (difference {difference:.3g} > 1e-4); nothing was timed"
         )
-    return difference
+    found = {"first": difference}
+    if train and params and jax_side.updated is not None and other.updated is not None:
+        from contextblip_jax.benchmark import torch_steps
+
+        found["update"] = torch_steps.update_difference(setup.config, params, jax_side.updated, other.updated)
+        if setup.dtype == "float32" and found["update"] > UPDATE_TOLERANCE:
+            raise SystemExit(
+                f"{name} updates the parameters otherwise than JAX: after one step a tensor differs by "
+                f"{found['update']:.3g} of its update (> {UPDATE_TOLERANCE}); nothing was timed"
+            )
+    return found
 
 
 def step_rows(setup: Setup) -> list[dict[str, Any]]:
@@ -123,13 +144,13 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
     batch = random_batch(setup)
     jax_side, params = prepare(setup, batch, keep_params=bool(_COMPARE.value))
     sides: dict[str, Prepared] = {"jax": jax_side}
-    differences: dict[str, float] = {}
+    differences: dict[str, dict[str, float]] = {}
     shared = None  # the eager and the compiled side run one torch model (torch_steps.TorchModel)
     for name in _COMPARE.value:
         from contextblip_jax.benchmark import torch_steps  # torch is a development dependency
 
         sides[name], shared = torch_steps.prepare(setup, batch, params, name == "torch_compile", shared)
-        differences[name] = agreement(name, jax_side, sides[name], setup.train, setup.dtype)
+        differences[name] = agreement(name, jax_side, sides[name], setup, params)
     del params
     logging.info("timing %s in turns: %d warm-up and %d timed calls each", list(sides), _WARMUP.value, _RUNS.value)
     times = interleaved_times([side.call for side in sides.values()], _RUNS.value, _WARMUP.value)
@@ -166,7 +187,8 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
                 "peak_source": peak_source,
                 "mfu": round(achieved / peak, 4) if achieved else None,
                 **peak_memory_fields(name, (memory, memory_source), torch_memory),
-                "difference_vs_jax": differences.get(name),
+                "difference_vs_jax": differences.get(name, {}).get("first"),
+                "update_difference_vs_jax": differences.get(name, {}).get("update"),
                 "remat": list(setup.remat),
                 "attention": setup.attention if name == "jax" else None,
             }

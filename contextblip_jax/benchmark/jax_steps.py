@@ -7,6 +7,7 @@ Imports: its own package (`benchmark`), `compile`, `models`, `parallel`, `runcon
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,14 +72,22 @@ class Setup:
         return self.descriptions if self.stage_row.data == "captions" else self.descriptions * self.candidates
 
 
+CHECKED = re.compile(r"^(adapter|head)\.|^blip\.(vision\.blocks\.0|text\.layers\.0)\.")
+"""The parameters the torch agreement check compares after one update (`torch_steps.update_difference`): the
+adapter, the head, the first ViT block and the first text layer, all trainable in stage 2a."""
+
+
 @dataclasses.dataclass
 class Prepared:
-    """A compiled step ready to be timed. `first`: its first output (the loss before any update, or the scores)."""
+    """A compiled step ready to be timed. `first`: its first output (the loss before any update, or the scores);
+    `updated`: a train step's trainable parameters after that first update (JAX: dotted names; torch: its
+    state-dict names), those `CHECKED` picks, for the agreement check."""
 
     call: Callable[[], Any]
     compile_s: float
     first: np.ndarray
     figures: dict[str, Any]
+    updated: dict[str, np.ndarray] | None = None
 
 
 def interleaved_times(fns: list[Callable[[], Any]], runs: int, warmup: int) -> list[list[float]]:
@@ -189,10 +198,13 @@ def prepare(setup: Setup, batch: dict[str, np.ndarray], keep_params: bool = Fals
     start = time.perf_counter()
     first = np.asarray(call())
     logging.info("jax: first call %.1f s", time.perf_counter() - start)
+    updated = None
+    if setup.train and keep_params:  # another framework's update is compared with this one
+        updated = {name: np.asarray(value) for name, value in holder[0].trainable.items() if CHECKED.search(name)}
     start = time.perf_counter()
     figures = step_figures(fn, figures_args, compiled)
     logging.info("jax: cost and memory analysis %.1f s: %s", time.perf_counter() - start, figures)
-    return Prepared(call, compile_s, first, figures), params
+    return Prepared(call, compile_s, first, figures, updated), params
 
 
 def adapter_times(setup: Setup, runs: int, warmup: int) -> list[list[float]]:

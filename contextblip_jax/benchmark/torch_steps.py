@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,11 +50,16 @@ def hf_config(config: BlipConfig) -> transformers.BlipConfig:
     return transformers.BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=config.embed_dim)
 
 
-def hf_state_dict(config: BlipConfig, params: Mapping[str, np.ndarray], prefix: str = "blip.") -> dict[str, Any]:
-    """Hugging Face tensors holding the JAX BLIP parameters `params[prefix + dotted path]`."""
+def hf_state_dict(
+    config: BlipConfig, params: Mapping[str, np.ndarray], prefix: str = "blip.", only: re.Pattern | None = None
+) -> dict[str, Any]:
+    """Hugging Face tensors holding the JAX BLIP parameters `params[prefix + dotted path]`; `only`: just the
+    tensors filled from JAX names it matches (whole blocks, so that a fused tensor gets all its parts)."""
     flat: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for path, rule in blip_rules(config).items():
+        if only is not None and not only.search(prefix + ".".join(map(str, path))):
+            continue
         value = np.asarray(params[prefix + ".".join(map(str, path))], np.float32)
         source = tuple(rule.source_shape(value.shape))
         index = np.arange(math.prod(source)).reshape(source)
@@ -116,19 +122,60 @@ class TorchContextBLIP(nn.Module):
 
     def load_jax(self, config: ContextBLIPConfig, params: Mapping[str, np.ndarray]) -> None:
         """Copy the JAX model's weights (flat dotted names) into this module."""
-        self.blip.load_state_dict(hf_state_dict(config.blip, params), strict=False)
-
-        def linear(name: str) -> torch.Tensor:  # (in, out) kernel -> (out, in) weight
-            return torch.from_numpy(np.asarray(params[name], np.float32).reshape(-1, params[name].shape[-1]).T.copy())
-
         with torch.no_grad():
-            for i, down in enumerate(self.adapter.down):
-                down.weight.copy_(linear(f"adapter.down.{i}.kernel"))
-            self.adapter.up.weight.copy_(linear("adapter.up.kernel"))
-            self.head.weight.copy_(linear("head.proj.kernel"))
-            self.head.bias.copy_(torch.from_numpy(np.asarray(params["head.proj.bias"], np.float32)))
-            if self.log_scale is not None:
-                self.log_scale.copy_(torch.tensor(float(params["head.log_scale"])))
+            self.load_state_dict(torch_tensors(config, params), strict=False)
+
+
+def torch_tensors(
+    config: ContextBLIPConfig, params: Mapping[str, np.ndarray], only: re.Pattern | None = None
+) -> dict[str, torch.Tensor]:
+    """The JAX parameters `params` (flat dotted names) as `TorchContextBLIP`'s state-dict entries; `only`: those
+    filled from the JAX names it matches."""
+    out = {f"blip.{key}": value for key, value in hf_state_dict(config.blip, params, only=only).items()}
+
+    def linear(value: np.ndarray) -> torch.Tensor:  # (in, out) kernel -> (out, in) weight
+        return torch.from_numpy(np.asarray(value, np.float32).reshape(-1, value.shape[-1]).T.copy())
+
+    def plain(value: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(value, np.float32))
+
+    levels = len(config.adapter.resolved_levels(config.blip.vision.depth))
+    own = [(f"adapter.down.{i}.weight", f"adapter.down.{i}.kernel", linear) for i in range(levels)]
+    own += [("adapter.up.weight", "adapter.up.kernel", linear), ("head.weight", "head.proj.kernel", linear)]
+    own += [("head.bias", "head.proj.bias", plain)]
+    if config.head.logit_scale:
+        own.append(("log_scale", "head.log_scale", plain))
+    for key, name, convert in own:
+        if only is None or only.search(name):
+            out[key] = convert(params[name])
+    return out
+
+
+GRADIENT_FREE = re.compile(r"\.self\.key\.bias$|^head\.bias$")
+"""Tensors whose true gradient is zero: a key bias adds the same to every score of a query, a head bias the same
+to every candidate's logit, and softmax ignores both. Their gradients are rounding noise, which Adam scales to a
+full step of either sign, so their updates cannot agree and are not compared."""
+
+
+def update_difference(
+    config: ContextBLIPConfig,
+    before: Mapping[str, np.ndarray],
+    jax_after: Mapping[str, np.ndarray],
+    torch_after: Mapping[str, np.ndarray],
+) -> float:
+    """The worst tensor's max |torch - JAX| after one optimizer update, over the size of JAX's update of that
+    tensor (`GRADIENT_FREE` ones left out): 0 for the same update, about 1 or more for another one."""
+    from contextblip_jax.benchmark.jax_steps import CHECKED
+
+    expected = {key: value.numpy() for key, value in torch_tensors(config, jax_after, CHECKED).items()}
+    start = {key: value.numpy() for key, value in torch_tensors(config, before, CHECKED).items()}
+    worst = 0.0
+    for key, value in expected.items():
+        if GRADIENT_FREE.search(key):
+            continue
+        moved = float(np.max(np.abs(value - start[key])))
+        worst = max(worst, float(np.max(np.abs(torch_after[key] - value))) / max(moved, 1e-30))
+    return worst
 
 
 def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
@@ -225,7 +272,7 @@ def prepare(
     With `shared` (the model another torch side of the run returned), the step runs that model and optimizer:
     its weights go back to `params` and the optimizer forgets its moments first, so that this side's first
     output, which the benchmark compares with JAX's, starts from the same weights as every other side's."""
-    from contextblip_jax.benchmark.jax_steps import Prepared
+    from contextblip_jax.benchmark.jax_steps import CHECKED, Prepared
     from contextblip_jax.runconfig.defaults import base_config
 
     measure = "train" if setup.train else "eval"
@@ -249,4 +296,9 @@ def prepare(
     first = call().float().cpu().numpy()
     first_call_s = time.perf_counter() - start
     logging.info("torch%s: first call %.1f s", " (compiled)" if compile_model else "", first_call_s)
-    return Prepared(call, first_call_s if compile_model else 0.0, first, {}), held
+    updated = None
+    if setup.train:  # the checked tensors after the first update, for `update_difference`
+        state = held.model.state_dict()
+        keys = torch_tensors(setup.config, params, CHECKED)
+        updated = {key: state[key].detach().float().cpu().numpy() for key in keys}
+    return Prepared(call, first_call_s if compile_model else 0.0, first, {}, updated), held

@@ -25,7 +25,10 @@ def sides(request):
 def test_torch_agrees_with_jax_and_trains(sides):
     setup, batch, jax_side, params = sides
     torch_side, _ = torch_steps.prepare(setup, batch, params, compile_model=False)
-    assert cli.agreement("torch", jax_side, torch_side, setup.train, "float32") <= 1e-4
+    found = cli.agreement("torch", jax_side, torch_side, setup, params)
+    assert found["first"] <= 1e-4
+    if setup.train:
+        assert found["update"] <= cli.UPDATE_TOLERANCE
     if setup.train:  # the torch step updates its weights: the next loss differs, as JAX's does
         assert float(torch_side.call()) != pytest.approx(float(torch_side.first), abs=1e-6)
         assert float(jax_side.call()) != pytest.approx(float(jax_side.first), abs=1e-6)
@@ -39,7 +42,26 @@ def test_a_torch_side_without_its_adapter_is_caught(sides, monkeypatch):
     monkeypatch.setattr(torch_steps.Adapter, "forward", lambda self, final, hidden_states, norm: final)
     torch_side, _ = torch_steps.prepare(setup, batch, params, compile_model=False)
     with pytest.raises(SystemExit, match="computes something else"):
-        cli.agreement("torch", jax_side, torch_side, setup.train, "float32")
+        cli.agreement("torch", jax_side, torch_side, setup, params)
+
+
+def test_a_torch_side_whose_update_differs_is_caught_though_its_first_loss_agrees(sides, monkeypatch):
+    """A torch Adam at twice the learning rate gives the same first loss and another update."""
+    setup, batch, jax_side, params = sides
+    if not setup.train:
+        pytest.skip("scoring has no update")
+    build = torch_steps.build_model
+
+    def doubled(setup, params, optimizer_config, device):
+        faster = optimizer_config.copy_and_resolve_references()
+        faster.lr, faster.head_lr = 2 * faster.lr, 2 * faster.head_lr
+        return build(setup, params, faster, device)
+
+    monkeypatch.setattr(torch_steps, "build_model", doubled)
+    torch_side, _ = torch_steps.prepare(setup, batch, params, compile_model=False)
+    assert abs(float(torch_side.first) - float(jax_side.first)) <= 1e-4 * abs(float(jax_side.first))
+    with pytest.raises(SystemExit, match="updates the parameters otherwise"):
+        cli.agreement("torch", jax_side, torch_side, setup, params)
 
 
 def test_weights_go_back_to_hugging_face_names_exactly():
