@@ -40,6 +40,9 @@ ScoreFn = Callable[..., jax.Array]
 IMAGECODE_FIELDS = ("images", "input_ids", "attention_mask", "target", "is_video")
 SET_INDEX = "set_index"
 """A grouped batch's field (`data/grouped.py`): images come once per set, and each description names its set."""
+FEATURES = "features"
+"""A cached stage-2b batch's field: each description's 10 normalised ITM vectors, in place of images and text."""
+FEATURE_FIELDS = (FEATURES, "target", "is_video")
 CAPTION_FIELDS = ("images", "input_ids", "attention_mask")
 
 
@@ -55,6 +58,8 @@ class Stage:
         ("sum": summed, as the authors sum the candidate cross-entropy; "mean": averaged).
     score: None for a stage without candidate scores (stage 1 is not evaluated on ImageCoDe).
     epochs: the authors' number of epochs.
+    features: its scores can start from cached candidate features (`FEATURES`), its towers being frozen
+        (`context.cache_features`, `evaluation/features.py`).
     """
 
     name: str
@@ -65,6 +70,7 @@ class Stage:
     reduction: str
     score: ScoreFn | None
     epochs: int
+    features: bool = False
 
     @property
     def trains(self) -> bool:
@@ -110,6 +116,8 @@ def _finetune_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = N
 
 
 def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = None) -> jax.Array:
+    if FEATURES in batch:  # the frozen towers' output, computed once (`training/feature_cache.py`)
+        return model.context_logits_from_features(batch[FEATURES], batch["is_video"], rngs)
     args = (batch["images"], batch["input_ids"], batch["attention_mask"], batch["is_video"])
     return model.context_logits(*args, rngs=rngs, set_index=batch.get(SET_INDEX))
 
@@ -171,6 +179,7 @@ STAGES: dict[str, Stage] = {
             reduction="sum",
             score=_context_scores,
             epochs=20,
+            features=True,
         ),
     )
 }

@@ -27,6 +27,7 @@ from contextblip_jax import cli, parallel, runconfig, stages
 from contextblip_jax.checkpoints import best, run_state, weights
 from contextblip_jax.compile import aot, targets
 from contextblip_jax.data.pipeline import make_global_batch
+from contextblip_jax.evaluation import features
 from contextblip_jax.evaluation.evaluators import build_evaluators
 from contextblip_jax.training import hostmem, inputs, optim, programs, skipped
 from contextblip_jax.training.preemption import Preempted
@@ -102,7 +103,6 @@ def _train(
 
     # ---- Input -------------------------------------------------------------------------------------------
     train_input = inputs.train_input(config, stage, parallel.batch_shards(mesh))
-    iterator = iter(train_input.dataset)
 
     # ---- Model, shardings and steps, in their shards: a previous checkpoint of this run wins over `config.init` --
     epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
@@ -110,6 +110,9 @@ def _train(
     total_steps = config.total_steps or config.epochs * steps_per_epoch
     logging.info("%d steps of %d examples (%d steps per epoch)", total_steps, config.data.batch_size, steps_per_epoch)
     built, state = initial_state(config, stage, mesh, workdir, steps_per_epoch)
+    if features.wanted(config, stage):  # the same descriptions, as vectors of the frozen towers computed once
+        train_input = features.train_input(config, built, state, mesh, workdir)
+    iterator = iter(train_input.dataset)
 
     # ---- Evals: built once (each reads its split now), run at every evaluation ---------------------------------
     evaluators = build_evaluators(config, stage, mesh)
@@ -260,7 +263,7 @@ def _summary(result: dict, workdir: str) -> str:
     if "preempted_at" in result:
         return f"preempted at step {result['preempted_at']}: checkpoint saved; run the same command to resume"
     rows = [f"best {split} acc {row['acc']:.3f} at step {row['step']}" for split, row in result["best"].items()]
-    names = ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/")
+    names = ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/", f"{features.CACHE_DIR}/")
     files = ", ".join(name for name in names if os.path.exists(os.path.join(workdir, name))) or "nothing written"
     return f"done: {'; '.join(rows) or 'no evaluation'}. In {workdir}: {files}"
 

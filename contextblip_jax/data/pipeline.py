@@ -292,6 +292,46 @@ def grouped_train_dataset(
     return read_ahead(ds.batch(layout.groups // count)[index::count].map(grouped.merge_groups), config)
 
 
+@dataclasses.dataclass(frozen=True)
+class ArrayRows:
+    """A grain source over arrays that share their first dimension: element i is row i of each."""
+
+    arrays: Mapping[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value[index]) for name, value in self.arrays.items()}
+
+
+def array_dataset(
+    arrays: Mapping[str, np.ndarray],
+    config: DataConfig,
+    train: bool,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """Batches of rows of `arrays` (stage 2b's cached features): in training shuffled by `data.seed`, repeated,
+    split over hosts as `build_dataset` splits examples; otherwise one pass padded with zero rows to whole global
+    batches (their `example_id` -1). Rows need no decoding, so no worker processes read them."""
+    index, count = host_shard(shard_index, shard_count)
+    if config.batch_size % count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {count} hosts")
+    ds = grain.MapDataset.source(ArrayRows(arrays))
+    if train:
+        ds = ds.seed(config.seed)
+        if config.shuffle:
+            ds = ds.shuffle()
+        ds = ds.repeat(config.num_epochs)
+    elif padding := -len(ds) % config.batch_size:
+        first = ds[0]
+        blank = {name: np.full_like(value, -1 if name == "example_id" else 0) for name, value in first.items()}
+        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank] * padding)])
+    batches = ds[index::count].batch(config.batch_size // count, drop_remainder=train)
+    return read_ahead(batches, dataclasses.replace(config, workers=0))
+
+
 def captions_dataset(
     config: DataConfig,
     train: bool,

@@ -27,7 +27,7 @@ from absl import logging
 from contextblip_jax import parallel, runconfig
 from contextblip_jax.data import grouped, imagecode
 from contextblip_jax.data.pipeline import DataConfig, grouped_imagecode_dataset, imagecode_dataset, imagecode_source
-from contextblip_jax.evaluation.scoring import accuracy, score_split
+from contextblip_jax.evaluation.scoring import accuracy, collect, score_split
 from contextblip_jax.stages import Stage
 
 Predict = Callable[[Mapping[str, jax.Array]], jax.Array]
@@ -57,19 +57,25 @@ class ImageCodeEvaluator:
         if group_by_set and examples is not None:
             self.layout = grouped.Layout.of(data.batch_size, parallel.batch_shards(mesh), set_slots)
             chunks = grouped.set_chunks(examples, self.layout.description_slots)
-            self.batches = grouped.plan(chunks, self.layout)
+            self.plan = grouped.plan(chunks, self.layout)
             self.images_encoded = imagecode.NUM_CANDIDATES * len(chunks)
         else:
             self.images_encoded = imagecode.NUM_CANDIDATES * len(self.source)
         self.sets = len({example.set_name for example in examples}) if examples is not None else None
 
+    def batches(self) -> Any:
+        """One pass over the split's batches, grouped or per description."""
+        if self.layout is not None:
+            return grouped_imagecode_dataset(self.data, self.source, self.layout, self.plan)
+        return imagecode_dataset(self.data, self.split, train=False, source=self.source)
+
     def score(self, predict: Predict) -> dict[str, np.ndarray]:
         """Every example's prediction, target and kind, in example order (see `scoring.score_split`)."""
-        if self.layout is not None:
-            batches = grouped_imagecode_dataset(self.data, self.source, self.layout, self.batches)
-        else:
-            batches = imagecode_dataset(self.data, self.split, train=False, source=self.source)
-        return score_split(predict, batches, self.sharding)
+        return score_split(predict, self.batches(), self.sharding)
+
+    def collect(self, fn: Predict) -> dict[str, np.ndarray]:
+        """`fn`'s output for every example (`output`) with its fields, in example order (`scoring.collect`)."""
+        return collect(fn, self.batches(), self.sharding)
 
     def run(self, predict: Predict, step: int) -> dict[str, Any]:
         """The split's metrics row: `step`, `split`, `acc`, `acc_video`, `acc_static`, `descriptions`."""

@@ -17,29 +17,41 @@ from contextblip_jax.data.pipeline import make_global_batch
 LEADERBOARD_FILE = "test_predictions.json"
 
 
+def collect(
+    fn: Callable[[Mapping[str, jax.Array]], jax.Array],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    sharding: jax.sharding.NamedSharding,
+) -> dict[str, np.ndarray]:
+    """`fn`'s output (`output`, one row per description) and the example fields of every real example of a pass
+    (padding dropped), on every host.
+
+    The outputs and the example fields travel as global arrays and are replicated together, so rows stay aligned
+    whatever the number of hosts.
+    """
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    gather = jax.jit(lambda tree: tree, out_shardings=replicated)
+    fields = ("example_id", "target", "is_video")
+    columns: dict[str, list[np.ndarray]] = {"output": [], **{name: [] for name in fields}}
+    for batch in batches:
+        inputs = make_global_batch(batch, sharding)
+        gathered = jax.device_get(gather({"output": fn(inputs), **{name: inputs[name] for name in fields}}))
+        for name, value in gathered.items():
+            columns[name].append(np.asarray(value))
+    result = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in columns.items()}
+    real = result["example_id"] >= 0
+    return {name: value[real] for name, value in result.items()}
+
+
 def score_split(
     predict: Callable[[Mapping[str, jax.Array]], jax.Array],
     batches: Iterable[Mapping[str, np.ndarray]],
     sharding: jax.sharding.NamedSharding,
 ) -> dict[str, np.ndarray]:
-    """Predictions for every real example of an evaluation pass (padding dropped), on every host.
-
-    Scores and the example fields travel as global arrays and are replicated together, so rows stay aligned
-    whatever the number of hosts.
-    """
-    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    gather = jax.jit(lambda tree: tree, out_shardings=replicated)
-    columns: dict[str, list[np.ndarray]] = {"example_id": [], "prediction": [], "target": [], "is_video": []}
-    for batch in batches:
-        inputs = make_global_batch(batch, sharding)
-        fields = ("example_id", "target", "is_video")
-        gathered = jax.device_get(gather({"scores": predict(inputs), **{name: inputs[name] for name in fields}}))
-        columns["prediction"].append(np.asarray(gathered["scores"]).argmax(axis=-1))
-        for name in fields:
-            columns[name].append(np.asarray(gathered[name]))
-    result = {name: np.concatenate(parts) if parts else np.zeros(0, np.int64) for name, parts in columns.items()}
-    real = result["example_id"] >= 0
-    return {name: value[real] for name, value in result.items()}
+    """Predictions (the argmax of `predict`'s scores) for every real example of an evaluation pass, on every
+    host (`collect`)."""
+    collected = collect(predict, batches, sharding)
+    scores = collected.pop("output")
+    return {"prediction": scores.argmax(axis=-1) if scores.size else np.zeros(0, np.int64), **collected}
 
 
 METRICS = ("acc", "acc_video", "acc_static", "descriptions")

@@ -253,7 +253,25 @@ class ContextBLIP(nnx.Module):
         the encoder and in the frozen text encoder too (the authors extract 2b's features in train mode).
         `set_index`: images are given once per set (`_candidates`)."""
         first = self._candidates(images, input_ids, attention_mask, rngs, set_index)
-        return self.head(self.context(l2_normalize(first), is_video, rngs=rngs))
+        return self.context_logits_from_features(l2_normalize(first), is_video, rngs)
+
+    def candidate_features(
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        set_index: jax.Array | None = None,
+    ) -> jax.Array:
+        """The L2-normalised ITM vectors [B, C, D] that stage 2b reads, dropout off: what its towers give for a
+        description, computed once and cached when they are frozen (`training/feature_cache.py`)."""
+        return l2_normalize(self._candidates(images, input_ids, attention_mask, set_index=set_index))
+
+    def context_logits_from_features(
+        self, features: jax.Array, is_video: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """Stage 2b from its input vectors [B, C, D] (`candidate_features`): the inter-context encoder, then 2a's
+        head."""
+        return self.head(self.context(features, is_video, rngs=rngs))
 
     def pretrain_losses(
         self,

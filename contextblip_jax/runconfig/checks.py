@@ -88,6 +88,8 @@ def _check_schedule(config: ml_collections.ConfigDict) -> None:
     unknown = sorted(set(config.eval.splits) - set(imagecode.SPLIT_FILES))
     if unknown:
         raise ValueError(f"eval.splits {unknown} unknown; choose from {tuple(imagecode.SPLIT_FILES)}")
+    if config.context.cache_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"context.cache_dtype {config.context.cache_dtype!r} unknown; choose float32 or bfloat16")
     if config.eval.set_slots < 0:
         raise ValueError(f"eval.set_slots {config.eval.set_slots} must be 0 (automatic) or positive")
     if config.eval.batch_size < 1:

@@ -138,6 +138,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dataclass_section(DataConfig())  # DataConfig fields (data/pipeline.py), augment: AugmentConfig
     c.data.synthetic = 0  # main job: generate this many training sets (and a fifth as many valid/test) under data.root
     c.data.synthetic_seed = 0  # the generator's seed (data.seed drives shuffling and augmentation only)
+    c.context = ml_collections.ConfigDict(
+        dict(
+            # stage 2b trains on its frozen towers' vectors computed once and kept in W/features/ (rebuilt when
+            # the weights, the data or the input settings change; evaluation/features.py)
+            cache_features=False,
+            cache_dtype="float32",  # float32 | bfloat16 (half the disk and memory)
+        )
+    )
     c.eval = ml_collections.ConfigDict(
         dict(
             splits=("valid",),  # ImageCoDe splits evaluated during training

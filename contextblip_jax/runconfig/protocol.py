@@ -12,6 +12,7 @@ keys after it (`--config.data.max_text_length=64`). `docs/fidelity.md` gives eve
 | data.augment.ops          | blip           | project         | the project's adds contrast, bounds shifts         |
 | data.augment.flip         | plain          | text_aware      | a flip swaps "left"/"right" in the text too         |
 | data.group_by_set         | False          | True            | a set's images encoded once for its descriptions    |
+| context.cache_features    | False          | True            | 2b's frozen towers run once, not every epoch        |
 | loss.negatives            | per_device     | global          | harder negatives from every device's examples       |
 | loss.tmim_token           | batch          | example         | one real token per example, never padding           |
 
@@ -46,6 +47,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "data.augment.ops": "blip",
         "data.augment.flip": "plain",
         "data.group_by_set": False,
+        "context.cache_features": False,
         "loss.negatives": "per_device",
         "loss.tmim_token": "batch",
     },
@@ -57,6 +59,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "data.augment.ops": "project",
         "data.augment.flip": "text_aware",
         "data.group_by_set": True,
+        "context.cache_features": True,
         "loss.negatives": "global",
         "loss.tmim_token": "example",
     },

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -26,7 +27,7 @@ from flax import nnx
 from contextblip_jax import parallel
 from contextblip_jax.models import axes
 from contextblip_jax.models.contextblip import ContextBLIP, set_attention, set_dropout, set_remat, set_scan
-from contextblip_jax.stages import Stage
+from contextblip_jax.stages import SET_INDEX, Stage
 from contextblip_jax.training import optim
 from contextblip_jax.training.step import ModelSpec, Params, TrainState, make_predict_step, make_train_step, split_model
 
@@ -38,7 +39,9 @@ NEGATIVES = ("global", "per_device")
 class Programs:
     """A run's jitted steps and what they need. `trainable`/`frozen` hold the model's values: arrays, or
     `jax.ShapeDtypeStruct`s when the model was built abstractly. `train_step` is None for a stage that does not
-    train (zero-shot scoring, which the benchmark times), `predict` for a stage without scores."""
+    train (zero-shot scoring, which the benchmark times), `predict` for a stage without scores; `features`
+    (trainable, frozen, batch) -> each description's candidate vectors, for a stage that can train on them
+    cached (`Stage.features`)."""
 
     spec: ModelSpec
     trainable: Params
@@ -48,6 +51,7 @@ class Programs:
     batch_sharding: jax.sharding.NamedSharding
     train_step: Any
     predict: Callable | None
+    features: Callable | None = None
 
 
 def build(
@@ -102,7 +106,19 @@ def build(
             _traced_on(mesh, rules, make_predict_step(spec, stage)),
             in_shardings=(trainable_sharding, frozen_sharding, batch_sharding),
         )
-    return Programs(spec, trainable, frozen, tx, state_sharding, batch_sharding, train_step, predict)
+    features = None
+    if stage.features:
+
+        def candidate_features(trainable: Params, frozen: Params, batch: Any) -> jax.Array:
+            model = spec.merge(trainable, frozen)
+            inputs = (batch["images"], batch["input_ids"], batch["attention_mask"], batch.get(SET_INDEX))
+            return model.candidate_features(*inputs).astype(jnp.float32)
+
+        features = jax.jit(
+            _traced_on(mesh, rules, candidate_features),
+            in_shardings=(trainable_sharding, frozen_sharding, batch_sharding),
+        )
+    return Programs(spec, trainable, frozen, tx, state_sharding, batch_sharding, train_step, predict, features)
 
 
 def _traced_on(mesh: jax.sharding.Mesh, rules: axes.Rules, fn: Callable) -> Callable:

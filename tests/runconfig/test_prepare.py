@@ -72,6 +72,7 @@ BAD = {
     "data.pre_caption_rules": ("mine", "data.pre_caption_rules must be one of"),
     "data.caption_sampling": ("word", "data.caption_sampling must be one of"),
     "data.set_slots": (-1, "data.set_slots -1"),
+    "context.cache_dtype": ("float16", "context.cache_dtype 'float16' unknown"),
     "data.augment.flip": ("upside", "augment.flip must be one of"),
     "data.augment.ops": ("mine", "augment.ops must be one of"),
     "data.augment.crop_scale": ((0.0, 1.0), "augment.crop_scale"),
@@ -88,6 +89,7 @@ ANY_VALUE = {
     "seed", "scan_layers", "nan_check", "data.seed", "data.shuffle", "data.jpeg_draft", "data.num_epochs",
     "data.annotations", "data.tfds_dir", "data.vocab", "data.first_token", "data.synthetic_seed",
     "data.worker_buffer", "data.augment.random_resized_crop", "eval.group_by_set",
+    "context.cache_features",
     "data.group_by_set",  # refused only beside data.augment.per_image (tests/data/test_grouped_training.py)
 }  # fmt: skip
 """Keys every value of whose type is valid (ml_collections refuses another type), or whose value is only checked

@@ -38,6 +38,7 @@ def test_the_two_protocols_differ_in_the_documented_keys_only():
         "data.augment.ops",
         "data.augment.flip",
         "data.group_by_set",
+        "context.cache_features",
         "loss.negatives",
         "loss.tmim_token",
     }
