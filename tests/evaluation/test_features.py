@@ -46,8 +46,8 @@ def test_a_step_on_cached_features_is_the_step_on_images():
     def loss(params, inputs):
         return stage.loss(spec.merge(params, frozen), inputs, jax.random.key(0), base_config().loss)[0]
 
-    from_images = jax.value_and_grad(loss)(trainable, batch)
-    from_features = jax.value_and_grad(loss)(trainable, cached)
+    step = jax.jit(jax.value_and_grad(loss))
+    from_images, from_features = step(trainable, batch), step(trainable, cached)
     chex.assert_trees_all_close(from_features, from_images, atol=1e-6, rtol=1e-6)
 
 
@@ -81,20 +81,25 @@ def test_the_cache_holds_each_descriptions_vectors_in_example_order(context_run)
     assert len(arrays["target"]) == len(pipeline.imagecode_source(data, "train"))
 
 
-def test_the_key_follows_the_weights_the_data_and_the_input_settings(context_run, data_root, tmp_path):
-    config, _, state, _, _ = context_run
-    key = features.cache_key(config, state.frozen, "train")
-    assert features.cache_key(config, dict(state.frozen), "train") == key
-    name = next(n for n in state.frozen if n.startswith("blip.vision"))
-    changed = {**state.frozen, name: state.frozen[name] + 1e-3}
-    assert features.cache_key(config, changed, "train") != key
-    head = next(n for n in state.frozen if n.startswith("head."))  # the vectors never read the head
-    assert features.cache_key(config, {**state.frozen, head: state.frozen[head] + 1.0}, "train") == key
+def test_the_key_follows_the_weights_the_data_and_the_input_settings(data_root, tmp_path):
+    config = cache_config(data_root)
+    frozen = {
+        "blip.vision.blocks.0.fc1.kernel": np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4),
+        "adapter.up.kernel": np.ones((4, 2), np.float32),
+        "head.proj.bias": np.zeros(1, np.float32),
+    }
+    key = features.cache_key(config, frozen, "train")
+    assert features.cache_key(config, {name: value.copy() for name, value in frozen.items()}, "train") == key
+    nudged = frozen["blip.vision.blocks.0.fc1.kernel"].copy()
+    nudged[1, 2] += 1e-6
+    assert features.cache_key(config, {**frozen, "blip.vision.blocks.0.fc1.kernel": nudged}, "train") != key
+    assert features.cache_key(config, {**frozen, "head.proj.bias": np.ones(1, np.float32)}, "train") == key
     longer = cache_config(data_root, data__max_text_length=config.data.max_text_length - 1)
-    assert features.cache_key(longer, state.frozen, "train") != key
+    assert features.cache_key(longer, frozen, "train") != key
+    assert features.cache_key(config, frozen, "valid") != key
     copy = str(tmp_path / "data")
     shutil.copytree(data_root, copy)
-    assert features.cache_key(cache_config(copy), state.frozen, "train") == key
+    assert features.cache_key(cache_config(copy), frozen, "train") == key
     split = os.path.join(copy, "train_data.json")
     with open(split) as f:
         annotations = json.load(f)
@@ -103,7 +108,7 @@ def test_the_key_follows_the_weights_the_data_and_the_input_settings(context_run
     annotations[first_set][first_image] += " again"
     with open(split, "w") as f:
         json.dump(annotations, f)
-    assert features.cache_key(cache_config(copy), state.frozen, "train") != key
+    assert features.cache_key(cache_config(copy), frozen, "train") != key
 
 
 def test_a_run_that_trains_the_towers_cannot_use_the_cache(data_root):

@@ -73,6 +73,11 @@ def model() -> ContextBLIP:
     return ContextBLIP(tiny_contextblip(context=ContextConfig(dropout=0.0)), rngs=nnx.Rngs(0))
 
 
+@functools.cache
+def per_description_step(stage_name: str) -> tuple[dict, dict]:
+    return one_step(stage_name, per_description(), 1)
+
+
 def one_step(stage_name: str, batch: dict[str, np.ndarray], accum_steps: int) -> tuple[dict, dict]:
     """(parameters after one SGD step at rate 1, metrics): the update is minus the gradient."""
     stage = stages.get(stage_name)
@@ -88,9 +93,8 @@ def one_step(stage_name: str, batch: dict[str, np.ndarray], accum_steps: int) ->
 @pytest.mark.parametrize("accum_steps", [1, 2])
 @pytest.mark.parametrize("stage", ["finetune", "context"])
 def test_a_grouped_step_has_the_loss_and_gradients_of_the_per_description_step(stage, accum_steps):
-    batch = per_description()
-    expected, expected_metrics = one_step(stage, batch, 1)
-    params, metrics = one_step(stage, grouped(batch), accum_steps)
+    expected, expected_metrics = per_description_step(stage)
+    params, metrics = one_step(stage, grouped(per_description()), accum_steps)
     np.testing.assert_allclose(metrics["loss"], expected_metrics["loss"], rtol=1e-5)
     chex.assert_trees_all_close(params, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(metrics["grad_norm"], expected_metrics["grad_norm"], rtol=1e-5)
