@@ -1,6 +1,8 @@
-"""`python -m contextblip_jax.predict --workdir=W --text="..." --images=DIR`: rank a set's images for one
+"""`python -m contextblip_jax.predict --workdir=W --text="..." --images=DIR`: rank a set's images for a
 description with a trained run's best model (`--checkpoint=best`, the default; `latest` or a step number) and
-print them, best first, with their scores.
+print them, best first, with their scores: a JSON object `{"text", "stage", "ranking"}`. `--text` may be repeated:
+the set's images are then encoded once for all the descriptions (as evaluation groups a set's descriptions,
+`data/grouped.py`) and a JSON list holds one such object per description, in the order given.
 
 DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a folder whose name contains
 `open-images` is a static set, any other a video set (the inter-context encoder's positions apply).
@@ -8,7 +10,8 @@ DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a 
 and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
 as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
-Imports: `cli`, `checkpoints`, `data`, `runconfig`, `stages`; a command (it defines flags), so no module imports it.
+Imports: `cli`, `checkpoints`, `data`, `models`, `runconfig`, `stages`; a command (it defines flags), so no module
+imports it.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from contextblip_jax.checkpoints import weights
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
 from contextblip_jax.data.text_cleaning import clean
+from contextblip_jax.models.contextblip import ContextBLIP
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_config.json + checkpoints).")
-_TEXT = flags.DEFINE_string("text", None, "The description.")
+_TEXT = flags.DEFINE_multi_string("text", None, "A description; repeat for several, which share the image work.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config, for its text handling (optional).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best (W/best.json; else the latest), latest, or a step.")
 _IMAGES = flags.DEFINE_string("images", None, "Folder of candidate images (imgX.jpg).")
@@ -64,17 +68,45 @@ def main(argv: list[str]) -> None:
         data = runconfig.data_config(runconfig.prepare(_CONFIG.value, data=False, weights=False), train=False)
     default_length = data.max_text_length if data else 64
     length = _MAX_LENGTH.value or min(default_length, config.blip.text.max_positions)
-    text = clean(_TEXT.value, data.pre_caption_words, data.pre_caption_rules) if data else _TEXT.value
-    tokenizer = BlipTokenizer(data.vocab if data else None)
-    ids, mask = tokenizer([text], length, data.first_token if data else "enc")
-    is_video = jnp.array([not imagecode.is_static(os.path.basename(os.path.normpath(_IMAGES.value)))])
-    batch = {"images": images, "input_ids": ids, "attention_mask": mask, "is_video": is_video}
-    scores = np.asarray(jax.device_get(stages.get(_STAGE.value).score(model, batch)))[0]
-    ranking = [
+    texts = [clean(text, data.pre_caption_words, data.pre_caption_rules) if data else text for text in _TEXT.value]
+    ids, mask = BlipTokenizer(data.vocab if data else None)(texts, length, data.first_token if data else "enc")
+    is_video = not imagecode.is_static(os.path.basename(os.path.normpath(_IMAGES.value)))
+    scores = set_scores(model, _STAGE.value, images, ids, mask, is_video)
+    results = [
+        {"text": text, "stage": _STAGE.value, "ranking": ranking(row, names)}
+        for text, row in zip(_TEXT.value, scores, strict=True)
+    ]
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+
+
+def set_scores(
+    model: ContextBLIP,
+    stage: str,
+    images: jax.Array,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    is_video: bool,
+) -> np.ndarray:
+    """Scores [descriptions, candidates] of one set's images [1, C, S, S, 3] for each tokenised description; with
+    several, the images go through the towers once (`set_index`: every description reads set 0)."""
+    count = len(ids)
+    batch = {
+        "images": images,
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.asarray(mask),
+        "is_video": jnp.full((count,), is_video),
+    }
+    if count > 1:
+        batch[stages.SET_INDEX] = jnp.zeros((1, count), jnp.int32)
+    return np.asarray(jax.device_get(stages.get(stage).score(model, batch)))
+
+
+def ranking(scores: np.ndarray, names: list[str]) -> list[dict]:
+    """The candidates best first: rank, index in the set, file name, score."""
+    return [
         {"rank": rank + 1, "index": int(i), "image": names[i], "score": round(float(scores[i]), 4)}
         for rank, i in enumerate(np.argsort(-scores))
     ]
-    print(json.dumps({"text": _TEXT.value, "stage": _STAGE.value, "ranking": ranking}, indent=1))
 
 
 def run() -> None:

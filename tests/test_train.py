@@ -235,6 +235,15 @@ def test_predict_command_ranks_a_set(trained, data_root):
     ranking = json.loads(result.stdout)["ranking"]
     assert sorted(r["index"] for r in ranking) == list(range(10))
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    texts = ["two blue circles on the left", "a red square at the top"]
+    both = run(
+        [sys.executable, "-m", "contextblip_jax.predict", f"--workdir={trained}", f"--images={folder}",
+         *(f"--text={text}" for text in texts), "--stage=finetune"],
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr[-2000:]
+    results = json.loads(both.stdout)
+    assert [r["text"] for r in results] == texts
+    assert [r["index"] for r in results[0]["ranking"]] == [r["index"] for r in ranking]
 
 
 def test_the_done_line_names_only_the_files_the_run_wrote(tmp_path):
@@ -247,6 +256,7 @@ def test_the_done_line_names_only_the_files_the_run_wrote(tmp_path):
     assert line == f"done: no evaluation. In {tmp_path}: metrics.jsonl, checkpoints/"
 
 
+@pytest.mark.long
 def test_grouped_batches_train_with_micro_batches_and_report_the_filled_slots(tmp_path, data_root):
     """Whole-set batches (`data.group_by_set`) through the trainer, cut into 2 micro-batches of whole groups."""
     workdir = str(tmp_path / "w")

@@ -14,7 +14,7 @@ vocabulary, compute dtype, the model config). A resumed run whose key matches re
 rebuilds them. At ImageCoDe's 16,594 training descriptions and D = 768 the features take 510 MB in float32, 255 MB
 in bfloat16.
 
-Imports: its own package (`evaluation`), `data`, `runconfig`, `stages`, `training`.
+Imports: its own package (`evaluation`), `data`, `runconfig`, `stages`, `training.inputs`.
 """
 
 from __future__ import annotations
