@@ -10,8 +10,8 @@ DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a 
 and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
 as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
-Imports: `cli`, `checkpoints`, `data`, `models`, `runconfig`, `stages`; a command (it defines flags), so no module
-imports it.
+Imports: `cli`, `checkpoints`, `data`, `evaluation`, `runconfig`, `stages`; a command (it defines flags), so no
+module imports it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -30,7 +29,7 @@ from contextblip_jax.checkpoints import weights
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.preprocess import BlipTokenizer, load_image
 from contextblip_jax.data.text_cleaning import clean
-from contextblip_jax.models.contextblip import ContextBLIP
+from contextblip_jax.evaluation.scorer import ranking, set_scores
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_config.json + checkpoints).")
 _TEXT = flags.DEFINE_multi_string("text", None, "A description; repeat for several, which share the image work.")
@@ -77,36 +76,6 @@ def main(argv: list[str]) -> None:
         for text, row in zip(_TEXT.value, scores, strict=True)
     ]
     print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
-
-
-def set_scores(
-    model: ContextBLIP,
-    stage: str,
-    images: jax.Array,
-    ids: np.ndarray,
-    mask: np.ndarray,
-    is_video: bool,
-) -> np.ndarray:
-    """Scores [descriptions, candidates] of one set's images [1, C, S, S, 3] for each tokenised description; with
-    several, the images go through the towers once (`set_index`: every description reads set 0)."""
-    count = len(ids)
-    batch = {
-        "images": images,
-        "input_ids": jnp.asarray(ids),
-        "attention_mask": jnp.asarray(mask),
-        "is_video": jnp.full((count,), is_video),
-    }
-    if count > 1:
-        batch[stages.SET_INDEX] = jnp.zeros((1, count), jnp.int32)
-    return np.asarray(jax.device_get(stages.get(stage).score(model, batch)))
-
-
-def ranking(scores: np.ndarray, names: list[str]) -> list[dict]:
-    """The candidates best first: rank, index in the set, file name, score."""
-    return [
-        {"rank": rank + 1, "index": int(i), "image": names[i], "score": round(float(scores[i]), 4)}
-        for rank, i in enumerate(np.argsort(-scores))
-    ]
 
 
 def run() -> None:

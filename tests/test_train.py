@@ -126,10 +126,13 @@ def test_mmvp_pair_accuracy_per_category(tmp_path, trained, data_root):
 
     (tmp_path / "mmvp").mkdir()
     config = run_config(data_root)
-    scores = mmvp_accuracy(config, scorer(config, trained), miniature(str(tmp_path / "mmvp")))
+    scoring, root = scorer(config, trained), miniature(str(tmp_path / "mmvp"))
+    scores = mmvp_accuracy(config, scoring, root)
     categories = [k for k in scores if k not in ("all", "mean")]
     assert len(categories) == 2 and all(scores[c] in (0.0, 0.5, 1.0) for c in categories)
     assert scores["mean"] == sum(scores[c] for c in categories) / 2
+    config.eval.group_by_set = False  # each statement encodes the pair's images again: the same accuracies
+    assert mmvp_accuracy(config, scoring, root) == scores
 
 
 @pytest.mark.long

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from contextblip_jax.data import imagecode
+from contextblip_jax.data import grouped, imagecode
 from contextblip_jax.data.pipeline import make_global_batch
 
 LEADERBOARD_FILE = "test_predictions.json"
@@ -90,23 +90,24 @@ def score_mmvp(
     pairs: list,
     tokenize: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
     load: Callable[[str], np.ndarray],
+    group_by_set: bool = True,
 ) -> dict[str, float]:
     """MMVP-VLM pair accuracy per category, overall (`all`) and the mean over categories (`mean`).
 
     Each statement is a description whose candidates are the pair's two images; a pair counts when both
-    statements score their own image higher."""
+    statements score their own image higher. `group_by_set`: the two statements read one encoding of the two
+    images (a set of two, `data/grouped.py`) instead of each encoding them again."""
     from contextblip_jax.data import mmvp
 
     scores = []
     for pair in pairs:
         images = np.stack([load(path) for path in pair.image_paths])
         ids, mask = tokenize(list(pair.texts))
-        batch = {
-            "images": np.broadcast_to(images, (2, *images.shape)),
-            "input_ids": ids,
-            "attention_mask": mask,
-            "is_video": np.zeros(2, bool),
-        }
+        batch = {"input_ids": ids, "attention_mask": mask, "is_video": np.zeros(2, bool)}
+        if group_by_set:
+            batch.update({"images": images[None], grouped.SET_INDEX: np.zeros((1, 2), np.int32)})
+        else:
+            batch["images"] = np.broadcast_to(images, (2, *images.shape))
         scores.append(np.asarray(jax.device_get(predict(batch))))
     result = mmvp.accuracy(pairs, scores)
     categories = [value for name, value in result.items() if name != "all"]

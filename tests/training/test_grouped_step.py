@@ -90,8 +90,7 @@ def one_step(stage_name: str, batch: dict[str, np.ndarray], accum_steps: int) ->
     return jax.device_get(after.trainable), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
-@pytest.mark.parametrize("stage", ["finetune", "context"])
+@pytest.mark.parametrize(("stage", "accum_steps"), [("finetune", 1), ("finetune", 2), ("context", 2)])
 def test_a_grouped_step_has_the_loss_and_gradients_of_the_per_description_step(stage, accum_steps):
     expected, expected_metrics = per_description_step(stage)
     params, metrics = one_step(stage, grouped(per_description()), accum_steps)
