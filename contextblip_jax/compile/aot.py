@@ -30,10 +30,11 @@ from flax import nnx
 from contextblip_jax import parallel, runconfig, stages
 from contextblip_jax.compile import hardware
 from contextblip_jax.compile.targets import Target, devices, host_memory
+from contextblip_jax.data import grouped
 from contextblip_jax.data.imagecode import NUM_CANDIDATES
 from contextblip_jax.models import axes
 from contextblip_jax.models.contextblip import ContextBLIP
-from contextblip_jax.stages import Stage
+from contextblip_jax.stages import FEATURE_FIELDS, FEATURES, SET_INDEX, Stage
 from contextblip_jax.training import programs
 from contextblip_jax.training.step import TrainState
 
@@ -72,9 +73,16 @@ def abstract_model(config: ml_collections.ConfigDict) -> ContextBLIP:
     return nnx.eval_shape(lambda: ContextBLIP(model_config, dtype=dtype, rngs=nnx.Rngs(config.seed)))
 
 
-def batch_shapes(config: ml_collections.ConfigDict, stage: Stage, train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(
+    config: ml_collections.ConfigDict, stage: Stage, train: bool, shards: int = 1
+) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the input pipeline delivers (`data/transforms.py`): the stage's fields for training; every
-    field, `example_id` included, for evaluation, whose batches reach the predict step whole."""
+    field, `example_id` included, for evaluation, whose batches reach the predict step whole.
+
+    Batches grouped by set (`data.group_by_set` in training, `eval.group_by_set` in evaluation; `data/grouped.py`)
+    hold each set slot's images once and a `set_index`, laid out for `shards` data shards (and, in training,
+    `grad_accum_steps` micro-batches) as the run lays them out; stage 2b on cached features
+    (`context.cache_features`) trains on the vectors instead of images."""
     n = config.data.batch_size if train else config.eval.batch_size
     size, length = config.data.image_size, config.data.max_text_length
     per_description = () if stage.data == "captions" else (NUM_CANDIDATES,)
@@ -87,7 +95,42 @@ def batch_shapes(config: ml_collections.ConfigDict, stage: Stage, train: bool) -
         "example_id": ((n,), jnp.int32),
     }
     names = stage.batch_fields if train else (*stage.batch_fields, "example_id")
+    if train and stage.features and config.context.cache_features:
+        width = config.model.blip.text.width
+        dtype = jnp.bfloat16 if config.context.cache_dtype == "bfloat16" else jnp.float32
+        fields[FEATURES] = ((n, NUM_CANDIDATES, width), dtype)
+        names = FEATURE_FIELDS
+    elif layout := set_layout(config, stage, train, shards):
+        fields["images"] = ((layout.groups * layout.set_slots, NUM_CANDIDATES, size, size, 3), jnp.float32)
+        fields[SET_INDEX] = ((layout.groups, layout.description_slots), jnp.int32)
+        names = (*names, SET_INDEX)
     return {name: jax.ShapeDtypeStruct(*fields[name]) for name in names}
+
+
+def set_layout(config: ml_collections.ConfigDict, stage: Stage, train: bool, shards: int) -> grouped.Layout | None:
+    """The slots of a batch grouped by set, as the trainer (`training/inputs.py`) or the evaluators lay them out;
+    None for per-description batches."""
+    if stage.data != "imagecode":
+        return None
+    if train and config.data.group_by_set:
+        groups = shards * config.grad_accum_steps
+        return grouped.Layout.of(config.data.batch_size, groups, config.data.set_slots, section="data")
+    if not train and config.eval.group_by_set:
+        return grouped.Layout.of(config.eval.batch_size, shards, config.eval.set_slots)
+    return None
+
+
+def images_per_step(config: ml_collections.ConfigDict, stage: Stage, train: bool, shards: int) -> int:
+    """The images one step encodes: 10 per set slot when grouped, 10 per description otherwise (none from
+    cached features), one per caption."""
+    if stage.data == "captions":
+        return config.data.batch_size
+    if train and stage.features and config.context.cache_features:
+        return 0
+    layout = set_layout(config, stage, train, shards)
+    if layout is not None:
+        return NUM_CANDIDATES * layout.groups * layout.set_slots
+    return NUM_CANDIDATES * (config.data.batch_size if train else config.eval.batch_size)
 
 
 def target_mesh(config: ml_collections.ConfigDict, target_devices: list) -> jax.sharding.Mesh:
@@ -132,7 +175,9 @@ def exhausted_need(message: str) -> tuple[int | None, int | None]:
     return found[0], found[1]
 
 
-def _compile_step(jitted: Any, args: tuple, target: Target, images: int, counted: Any = None) -> dict[str, Any]:
+def _compile_step(
+    jitted: Any, args: tuple, target: Target, images: int, descriptions: int, counted: Any = None
+) -> dict[str, Any]:
     """Lowers and compiles one jitted step for the target's devices; its memory, FLOPs, collectives and times.
 
     FLOPs are counted on `counted` (default: `jitted`), the same step with its towers unrolled when `jitted` scans
@@ -161,6 +206,7 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int, counted
         "lowering_s": round(lowered_at - start, 2),
         "compile_s": round(compiled_at - lowered_at, 2),
         "images_per_step": images,
+        "descriptions_per_step": descriptions,
     }
     if memory is None:
         section["peak_bytes"] = None
@@ -195,7 +241,8 @@ def _compile_step(jitted: Any, args: tuple, target: Target, images: int, counted
     section["bytes_accessed_per_device_compiled"] = (cost or {}).get("bytes accessed") if counted is None else None
     flops = hardware.program_flops((counted or jitted).__wrapped__, *args)
     section["flops_per_step"] = flops
-    section["flops_per_image"] = flops / images if flops else None
+    section["flops_per_image"] = flops / images if flops and images else None
+    section["flops_per_description"] = flops / descriptions if flops and descriptions else None
     section["flops_source"] = "XLA:CPU cost analysis of the unpartitioned step (the program's own count)"
     if counted is not None:
         section["flops_source"] += (
@@ -281,7 +328,7 @@ def compile_only(
         unrolled = config.copy_and_resolve_references()
         unrolled.scan_layers = False
         counted = programs.build(unrolled, stage, abstract_model(unrolled), mesh, config.optimizer.steps_per_epoch or 1)
-    images = NUM_CANDIDATES if stage.data == "imagecode" else 1
+    shards = parallel.batch_shards(mesh)
     memory = target.memory_per_device or host_memory() // len(target_devices)
     report: dict[str, Any] = {
         "target": target.label,
@@ -304,21 +351,23 @@ def compile_only(
         built.trainable,
         built.frozen,
     )
-    train_batch = batch_shapes(config, stage, train=True)
+    train_batch = batch_shapes(config, stage, train=True, shards=shards)
     report["train"] = _compile_step(
         built.train_step,
         (abstract_state, train_batch),
         target,
-        config.data.batch_size * images,
+        images_per_step(config, stage, True, shards),
+        config.data.batch_size,
         counted and counted.train_step,
     )
     report["eval"] = None
     if built.predict is not None and evaluate and "error" not in report["train"]:
         report["eval_batch_size"] = config.eval.batch_size
         logging.info("compiling the %s predict step for %s", stage.name, target.label)
-        args = (built.trainable, built.frozen, batch_shapes(config, stage, train=False))
+        args = (built.trainable, built.frozen, batch_shapes(config, stage, train=False, shards=shards))
+        images = images_per_step(config, stage, False, shards)
         report["eval"] = _compile_step(
-            built.predict, args, target, config.eval.batch_size * images, counted and counted.predict
+            built.predict, args, target, images, config.eval.batch_size, counted and counted.predict
         )
     for step in ("train", "eval"):
         section = report[step] or {}

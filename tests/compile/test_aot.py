@@ -283,3 +283,48 @@ def test_base_finetune_step_fits_v5e_8(tmp_path):
     assert report["train"]["flops_per_image"] == pytest.approx(144e9, rel=0.05)
     assert np.isclose(report["train"]["images_per_step"], 400)
     assert os.path.exists(tmp_path / aot.REPORT_FILE)
+
+
+def test_grouped_batches_are_laid_out_as_the_run_lays_them_out():
+    """Batch sizes stay in descriptions: 16 over 2 data shards and 2 micro-batches are 4 groups of 4 description
+    slots and 2 set slots each; evaluation's 8 over 2 shards, 2 groups of 4 and 2."""
+    from contextblip_jax import stages
+
+    config = tiny_config(batch=16)
+    config.update_from_flattened_dict({"data.group_by_set": True, "grad_accum_steps": 2})
+    stage = stages.get("finetune")
+    train = aot.batch_shapes(config, stage, train=True, shards=2)
+    assert train["images"].shape == (8, 10, 32, 32, 3) and train["set_index"].shape == (4, 4)
+    assert train["input_ids"].shape[0] == 16
+    assert aot.images_per_step(config, stage, True, 2) == 80
+    evaluation = aot.batch_shapes(config, stage, train=False, shards=2)
+    assert evaluation["images"].shape == (4, 10, 32, 32, 3) and evaluation["set_index"].shape == (2, 4)
+    config.update_from_flattened_dict({"data.group_by_set": False, "eval.group_by_set": False})
+    assert "set_index" not in aot.batch_shapes(config, stage, train=True, shards=2)
+    assert aot.images_per_step(config, stage, False, 2) == 80
+
+
+def test_stage_2b_on_cached_features_compiles_on_the_vectors():
+    from contextblip_jax import stages
+
+    config = config_file("synthetic", "stage=context,variant=tiny")
+    config.context.cache_features = True
+    shapes = aot.batch_shapes(config, stages.get("context"), train=True)
+    assert set(shapes) == {"features", "target", "is_video"}
+    assert shapes["features"].shape == (config.data.batch_size, 10, config.model.blip.text.width)
+    assert aot.images_per_step(config, stages.get("context"), True, 1) == 0
+
+
+@pytest.mark.long
+def test_grouped_and_cached_configs_compile_for_this_cpu(tmp_path):
+    config = tiny_config(batch=16)
+    config.update_from_flattened_dict({"data.group_by_set": True, "grad_accum_steps": 2})
+    report = aot.compile_only(config, str(tmp_path / "grouped"), targets.parse("cpu"))
+    assert report["train"]["images_per_step"] == 80 and report["train"]["descriptions_per_step"] == 16
+    assert report["eval"]["images_per_step"] == 40  # 8 descriptions in 4 set slots
+    per_description = aot.compile_only(tiny_config(batch=16), str(tmp_path / "plain"), targets.parse("cpu"))
+    assert report["train"]["flops_per_description"] < per_description["train"]["flops_per_description"]
+    cached = config_file("synthetic", "stage=context,variant=tiny")
+    cached.context.cache_features = True
+    report = aot.compile_only(cached, str(tmp_path / "cached"), targets.parse("cpu"))
+    assert report["train"]["images_per_step"] == 0 and report["train"]["flops_per_step"] > 0
