@@ -68,6 +68,12 @@ class Layout:
             )
         return cls(groups, sets // groups, per_group)
 
+    def per_host(self, hosts: int) -> int:
+        """The groups each of `hosts` hosts holds of a global batch (consecutive ones)."""
+        if self.groups % hosts:
+            raise ValueError(f"{self.groups} data shards cannot be split over {hosts} hosts")
+        return self.groups // hosts
+
 
 def set_members(examples: Sequence[Example]) -> list[Chunk]:
     """Each set's example ids in file order, sets in order of first appearance."""
@@ -163,9 +169,7 @@ def grouped_batches(
 ) -> grain.MapDataset:
     """This host's part of every planned batch (its consecutive groups), lazily: `pipeline.read_ahead` decodes."""
     index, count = shard
-    if layout.groups % count:
-        raise ValueError(f"{layout.groups} data shards cannot be split over {count} hosts")
-    per_host = layout.groups // count
+    per_host = layout.per_host(count)
     mine = [group for batch in batches for group in batch[index * per_host : (index + 1) * per_host]]
     ds = grain.MapDataset.source(mine).map(PrepareGroup(transform, source, examples, layout))
     return ds.batch(per_host).map(merge_groups)

@@ -206,21 +206,32 @@ def build_dataset(
 ) -> grain.IterDataset:
     """The shared pipeline of the module docstring, over any random-access source and per-example transform."""
     index, count = shard
-    if config.batch_size % count:
-        raise ValueError(f"data.batch_size {config.batch_size} is not divisible by the {count} hosts")
+    per_host = host_batch_size(config, count)
     transform = dataclasses.replace(transform, source=source)  # where skipped training examples get replaced
     ds = grain.MapDataset.source(source)
     if not train:
         padding = -len(ds) % config.batch_size
         if padding:
             ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([transforms.PADDING] * padding)])
-    ds = ds.seed(config.seed)
-    if train:
-        if config.shuffle:
-            ds = ds.shuffle()
-        ds = ds.repeat(config.num_epochs)
+    ds = training_order(ds, config) if train else ds.seed(config.seed)
     ds = ds.random_map(transform) if train else ds.map(transform)  # lazy: runs only on this host's elements
-    return read_ahead(ds[index::count].batch(config.batch_size // count, drop_remainder=train), config)
+    return read_ahead(ds[index::count].batch(per_host, drop_remainder=train), config)
+
+
+def host_batch_size(config: DataConfig, hosts: int) -> int:
+    """Each host's share of `data.batch_size`; a batch the hosts cannot split evenly is refused."""
+    if config.batch_size % hosts:
+        raise ValueError(f"data.batch_size {config.batch_size} is not divisible by the {hosts} hosts")
+    return config.batch_size // hosts
+
+
+def training_order(ds: grain.MapDataset, config: DataConfig) -> grain.MapDataset:
+    """Seeded by `data.seed`, shuffled (`data.shuffle`) and repeated `data.num_epochs` times, a new order each
+    epoch: step 2 of the module docstring, for examples and for stage 2b's cached rows alike."""
+    ds = ds.seed(config.seed)
+    if config.shuffle:
+        ds = ds.shuffle()
+    return ds.repeat(config.num_epochs)
 
 
 def read_ahead(ds: grain.MapDataset, config: DataConfig) -> grain.IterDataset:
@@ -281,15 +292,14 @@ def grouped_train_dataset(
     if not hasattr(source, "examples"):
         raise ValueError('data.group_by_set needs data.source="folder": the records source does not list its sets')
     index, count = host_shard(shard_index, shard_count)
-    if layout.groups % count:
-        raise ValueError(f"{layout.groups} data shards cannot be split over {count} hosts")
+    per_host = layout.per_host(count)
     plan = set_sampler.SetGroups(
         grouped.set_members(source.examples), layout, config.seed, config.shuffle, config.num_epochs
     )
     transform = transforms.PrepareImageCode(**_prepare_kwargs(config, train=True))
     prepare = grouped.PrepareGroup(transform, source, source.examples, layout)
     ds = grain.MapDataset.source(plan).seed(config.seed).random_map(prepare)
-    return read_ahead(ds.batch(layout.groups // count)[index::count].map(grouped.merge_groups), config)
+    return read_ahead(ds.batch(per_host)[index::count].map(grouped.merge_groups), config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,28 +318,15 @@ class ArrayRows:
 def array_dataset(
     arrays: Mapping[str, np.ndarray],
     config: DataConfig,
-    train: bool,
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> grain.IterDataset:
-    """Batches of rows of `arrays` (stage 2b's cached features): in training shuffled by `data.seed`, repeated,
-    split over hosts as `build_dataset` splits examples; otherwise one pass padded with zero rows to whole global
-    batches (their `example_id` -1). Rows need no decoding, so no worker processes read them."""
+    """Training batches of rows of `arrays` (stage 2b's cached features), in the order and host split
+    `build_dataset` gives examples (`training_order`). Rows need no decoding, so no worker processes read them."""
     index, count = host_shard(shard_index, shard_count)
-    if config.batch_size % count:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {count} hosts")
-    ds = grain.MapDataset.source(ArrayRows(arrays))
-    if train:
-        ds = ds.seed(config.seed)
-        if config.shuffle:
-            ds = ds.shuffle()
-        ds = ds.repeat(config.num_epochs)
-    elif padding := -len(ds) % config.batch_size:
-        first = ds[0]
-        blank = {name: np.full_like(value, -1 if name == "example_id" else 0) for name, value in first.items()}
-        ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([blank] * padding)])
-    batches = ds[index::count].batch(config.batch_size // count, drop_remainder=train)
-    return read_ahead(batches, dataclasses.replace(config, workers=0))
+    per_host = host_batch_size(config, count)
+    ds = training_order(grain.MapDataset.source(ArrayRows(arrays)), config)
+    return read_ahead(ds[index::count].batch(per_host, drop_remainder=True), dataclasses.replace(config, workers=0))
 
 
 def captions_dataset(

@@ -106,7 +106,7 @@ def train_input(
     arrays = cached(config, "train", built, state, mesh, workdir)
     rows = {name: arrays[name] for name in (FEATURES, "target", "is_video")}
     data = runconfig.data_config(config, train=True)
-    return TrainInput(array_dataset(rows, data, train=True), len(arrays["target"]))
+    return TrainInput(array_dataset(rows, data), len(arrays["target"]))
 
 
 def cached(
