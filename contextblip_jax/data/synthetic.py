@@ -38,6 +38,8 @@ VERSION = 2
 """Bumped whenever the same arguments would write different data."""
 MANIFEST = "synthetic.json"
 DEFAULT_KINDS = {"attributes": 0.3, "motion": 0.7}
+IMAGECODE_MIX = {1: 1306, 2: 2745, 3: 3266}
+"""ImageCoDe's training sets by their number of descriptions (2.27 per set), for `descriptions_mix="imagecode"`."""
 VIDEO_PREFIXES = ("MSR-VTT-", "video-storytelling-", "YouCook-")
 SPLITS = ("train", "valid", "test")
 
@@ -68,14 +70,36 @@ def parse_kinds(spec: str | Mapping[str, float]) -> dict[str, float]:
     return {name: weights[name] / total for name in KINDS if weights.get(name)}
 
 
+def parse_mix(spec: str | Mapping[int, float]) -> dict[int, float] | None:
+    """Shares of sets with 1, 2 and 3 descriptions: `"imagecode"` (`IMAGECODE_MIX`), `"1:1306,2:2745,3:3266"` or a
+    mapping, normalised; empty means the generator's own uniform draw (None)."""
+    if not spec:
+        return None
+    if spec == "imagecode":
+        spec = IMAGECODE_MIX
+    weights: dict[int, float] = {}
+    if isinstance(spec, str):
+        for item in filter(None, spec.split(",")):
+            count, _, weight = item.partition(":")
+            weights[int(count)] = float(weight or 1)
+    else:
+        weights = {int(count): float(weight) for count, weight in spec.items()}
+    if set(weights) - {1, 2, 3} or min(weights.values(), default=-1) < 0 or not sum(weights.values()):
+        raise ValueError(f"descriptions mix {spec!r}: expected 'imagecode' or positive weights of 1, 2 and 3")
+    total = sum(weights.values())
+    return {count: weights[count] / total for count in sorted(weights)}
+
+
 def _frame_numbers(rng: np.random.Generator) -> list[int]:
     gaps = rng.integers(2, 15, size=scenes.NUM_FRAMES - 1)
     start = int(rng.integers(0, 300))
     return [start, *(start + np.cumsum(gaps)).tolist()]
 
 
-def _descriptions(kind: str, frames: list[scenes.Scene], rng: np.random.Generator) -> dict[int, str]:
-    """1-3 targets, each with a query true of it and of no other frame."""
+def _descriptions(
+    kind: str, frames: list[scenes.Scene], rng: np.random.Generator, mix: dict[int, float] | None
+) -> dict[int, str]:
+    """1-3 targets (uniformly, or drawn from `mix`), each with a query true of it and of no other frame."""
     unique = {}
     for index in range(len(frames)):
         queries = [
@@ -86,7 +110,8 @@ def _descriptions(kind: str, frames: list[scenes.Scene], rng: np.random.Generato
         if queries:
             unique[index] = queries
     targets = sorted(unique)
-    chosen = rng.choice(len(targets), min(int(rng.integers(1, 4)), len(targets)), replace=False)
+    wanted = int(rng.integers(1, 4)) if mix is None else int(rng.choice(list(mix), p=list(mix.values())))
+    chosen = rng.choice(len(targets), min(wanted, len(targets)), replace=False)
     result = {}
     for i in chosen.tolist():
         queries = unique[targets[i]]
@@ -100,9 +125,11 @@ def sample_sets(
     num_valid_sets: int = 100,
     num_test_sets: int = 100,
     kinds: str | Mapping[str, float] = "",
+    descriptions_mix: str | Mapping[int, float] = "",
 ) -> Iterator[ImageSet]:
     """Every set's records, in split order, without rendering (what `generate` writes)."""
     weights = parse_kinds(kinds or DEFAULT_KINDS)
+    mix = parse_mix(descriptions_mix)
     names, probabilities = list(weights), list(weights.values())
     number = 0
     for split, num_sets in zip(SPLITS, (num_train_sets, num_valid_sets, num_test_sets), strict=True):
@@ -117,7 +144,7 @@ def sample_sets(
             else:
                 name = f"{imagecode.STATIC_MARKER}-{number}_{rng.bytes(8).hex()}"
                 numbers = list(range(scenes.NUM_FRAMES))
-            yield ImageSet(name, kind, split, frames, numbers, _descriptions(kind, frames, rng))
+            yield ImageSet(name, kind, split, frames, numbers, _descriptions(kind, frames, rng, mix))
 
 
 def _write_set(root: str, image_set: ImageSet, size: int, rng: np.random.Generator) -> None:
@@ -151,14 +178,16 @@ def generate(
     image_size: int = 64,
     kinds: str | Mapping[str, float] = "",
     overwrite: bool = False,
+    descriptions_mix: str | Mapping[int, float] = "",
 ) -> dict[str, dict[str, int]]:
-    """Writes the three split files and image-sets/ under `root`; returns the counts the doctor should print."""
+    """Writes the three split files and image-sets/ under `root`; returns the counts the doctor should print.
+    `descriptions_mix`: how many sets get 1, 2 or 3 descriptions (`parse_mix`; "imagecode" for ImageCoDe's)."""
     os.makedirs(root, exist_ok=True)
     _clear(root, overwrite)
     annotations: dict[str, dict[str, object]] = {split: {} for split in SPLITS}
     fields = ("sets", "descriptions", "video_descriptions", "static_descriptions")
     counts = {split: dict.fromkeys(fields, 0) for split in SPLITS}
-    sets = sample_sets(seed, num_train_sets, num_valid_sets, num_test_sets, kinds)
+    sets = sample_sets(seed, num_train_sets, num_valid_sets, num_test_sets, kinds, descriptions_mix)
     for number, image_set in enumerate(sets, start=1):
         _write_set(root, image_set, image_size, np.random.default_rng([seed, number, 1]))
         texts = image_set.descriptions
@@ -221,6 +250,7 @@ def _main(argv: Sequence[str]) -> None:
         image_size=_SIZE.value,
         kinds=_KINDS.value,
         overwrite=_OVERWRITE.value,
+        descriptions_mix=_MIX.value,
     )
     print(json.dumps({"root": _ROOT.value, "splits": counts}, indent=2))
 
@@ -236,6 +266,12 @@ if __name__ == "__main__":
     _SIZE = flags.DEFINE_integer("image_size", 64, "Side of the square JPEGs, in pixels.")
     _KINDS = flags.DEFINE_string(
         "kinds", "attributes:0.3,motion:0.7", f"Scene kinds and their shares, from {', '.join(KINDS)}."
+    )
+    _MIX = flags.DEFINE_string(
+        "descriptions_mix",
+        "",
+        "Shares of sets with 1, 2 and 3 descriptions ('1:1306,2:2745,3:3266'; 'imagecode' for ImageCoDe's train "
+        "split); empty: 1 to 3 uniformly.",
     )
     _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the split files and image-sets/ if present.")
     app.run(_main)

@@ -263,3 +263,23 @@ def test_ensure_reuses_only_the_same_generator_and_arguments(tmp_path):
     os.remove(os.path.join(root, synthetic.MANIFEST))
     with pytest.raises(FileExistsError, match="manifest"):
         synthetic.ensure(root, seed=2, **small)
+
+
+def test_descriptions_mix_follows_imagecodes_shares():
+    counts = {1: 0, 2: 0, 3: 0}
+    for image_set in synthetic.sample_sets(0, 2000, 0, 0, descriptions_mix="imagecode"):
+        counts[len(image_set.descriptions)] += 1
+    expected = {k: v / sum(synthetic.IMAGECODE_MIX.values()) for k, v in synthetic.IMAGECODE_MIX.items()}
+    for count, share in expected.items():
+        assert abs(counts[count] / 2000 - share) < 0.03, (counts, expected)
+    uniform = [len(s.descriptions) for s in synthetic.sample_sets(0, 300, 0, 0)]
+    first = [len(s.descriptions) for s in synthetic.sample_sets(0, 300, 0, 0, descriptions_mix="")]
+    assert uniform == first and abs(np.mean(uniform) - 2.0) < 0.15
+
+
+def test_descriptions_mix_is_checked():
+    assert synthetic.parse_mix("1:1,3:3") == {1: 0.25, 3: 0.75}
+    assert synthetic.parse_mix("") is None
+    for wrong in ("4:1", "1:-1,2:2", "1:0"):
+        with pytest.raises(ValueError, match="descriptions mix"):
+            synthetic.parse_mix(wrong)
