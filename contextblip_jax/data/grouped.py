@@ -37,6 +37,13 @@ from contextblip_jax.data.errors import SKIPPED_FIELD, DataError, check_readable
 from contextblip_jax.data.imagecode import Example
 
 SET_INDEX = "set_index"  # the field `stages.SET_INDEX` names: the model reads it
+DESCRIPTIONS_PER_SET = 2.27
+"""ImageCoDe's training descriptions per set (16,594 over 7,317), which sizes a layout's default set slots. An
+empty set slot still runs the vision tower, an empty description slot only the text layers: with as many set
+slots as the batch holds sets on average, neither kind is left empty often. Against half the descriptions (the
+rule before) it leaves 2.5% of the set slots of ImageCoDe's training epoch at 36 descriptions empty instead of
+9.4%, and 3.4% of the description slots instead of 0.3% (`set_sampler.padding_share`); with about 74% of a
+pair's FLOPs in its image work at 64 tokens, about 4% fewer FLOPs per description."""
 Chunk = tuple[int, ...]
 """The example ids of one set slot: descriptions of one set, in file order."""
 
@@ -52,13 +59,13 @@ class Layout:
 
     @classmethod
     def of(cls, batch_size: int, groups: int, set_slots: int = 0, section: str = "eval") -> Layout:
-        """`batch_size` descriptions (global) over `groups` shards; `set_slots` sets per batch (global; 0: half
-        the descriptions, rounded up: ImageCoDe's 2.2 descriptions per set then fill the description slots
-        first). `section`: the config section errors name (`eval`, or `data` for training)."""
+        """`batch_size` descriptions (global) over `groups` shards; `set_slots` sets per batch (global; 0: each
+        shard's descriptions over `DESCRIPTIONS_PER_SET`, rounded, at least one). `section`: the config section
+        errors name (`eval`, or `data` for training)."""
         if batch_size % groups:
             raise ValueError(f"{section}.batch_size {batch_size} is not divisible by the {groups} data shards")
         per_group = batch_size // groups
-        sets = set_slots or groups * math.ceil(per_group / 2)
+        sets = set_slots or groups * max(1, math.floor(per_group / DESCRIPTIONS_PER_SET + 0.5))
         if sets % groups:
             raise ValueError(f"{section}.set_slots {sets} is not divisible by the {groups} data shards")
         if sets // groups > per_group:

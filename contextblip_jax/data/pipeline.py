@@ -73,8 +73,8 @@ class DataConfig:
         (their stage-1 reader's: `.!"()*#:;~` become spaces, `,'?-/` stay).
     group_by_set (training, ImageCoDe): batches of whole sets, each set's images decoded, augmented (one draw)
         and encoded once for all its descriptions (`set_sampler.py`); needs the folder source and one draw per
-        example (not augment.per_image). set_slots: sets per global batch (0: half of batch_size, rounded up
-        per data shard; `grouped.Layout.of`).
+        example (not augment.per_image). set_slots: sets per global batch (0: per data shard its descriptions
+        over ImageCoDe's 2.27 per set, rounded; `grouped.Layout.of`).
     augment: `AugmentConfig` fields (random_resized_crop, crop_scale, crop_ratio, randaugment_layers,
         randaugment_magnitude, ops "project"|"blip", flip "off"|"text_aware"|"plain", flip_probability,
         per_image: one draw per image instead of one per example), training only.

@@ -151,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
             splits=("valid",),  # ImageCoDe splits evaluated during training
             batch_size=36,  # descriptions per evaluation batch (global)
             group_by_set=True,  # each set's images encoded once for all its descriptions (data/grouped.py)
-            set_slots=0,  # sets per grouped batch (global); 0: half of batch_size, rounded up per data shard
+            set_slots=0,  # sets per grouped batch (global); 0: per data shard its descriptions / 2.27, rounded
         )
     )
     return c

@@ -56,7 +56,14 @@ def test_a_layout_that_does_not_split_over_the_shards_is_refused():
         grouped.Layout.of(4, 2, set_slots=6)
     with pytest.raises(ValueError, match="a chunk of 3 descriptions does not fit 2 slots"):
         grouped.plan([(0, 1, 2)], grouped.Layout(1, 1, 2))
-    assert grouped.Layout.of(36, 1) == grouped.Layout(1, 18, 36)
+
+
+def test_default_set_slots_follow_imagecodes_descriptions_per_set():
+    """As many set slots as a shard's descriptions make sets at 2.27 each, rounded, at least one."""
+    assert grouped.Layout.of(36, 1) == grouped.Layout(1, 16, 36)
+    assert grouped.Layout.of(40, 8) == grouped.Layout(8, 2, 5)
+    assert [grouped.Layout.of(n, 1).set_slots for n in (1, 2, 3, 4, 5, 6, 12)] == [1, 1, 1, 2, 2, 3, 5]
+    assert grouped.Layout.of(36, 1, set_slots=18).set_slots == 18
 
 
 def test_each_description_points_at_its_own_sets_images(generated_root):
