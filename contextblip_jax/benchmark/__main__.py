@@ -5,6 +5,10 @@
     python -m contextblip_jax.benchmark --measure=eval --stage=zeroshot --preset=base --compare=torch
     python -m contextblip_jax.benchmark --measure=adapter --preset=base
     python -m contextblip_jax.benchmark --measure=train --preset=small --sweep=descriptions --compare=torch --out=S
+    python -m contextblip_jax.benchmark --measure=eval --stage=zeroshot --root=DIR --split=valid --limit_sets=12 \
+        --descriptions=36 --compare=torch
+    python -m contextblip_jax.benchmark --measure=train --stage=context --root=DIR --split=train --limit_sets=8 \
+        --descriptions=4 --compare=uncached
 
 Measurements:
 - `train`: one optimizer step of `--stage` (forward, backward and the update of the stage's trainable parameters),
@@ -20,6 +24,19 @@ update (the adapter, the head, the first ViT block and text layer) within 1% of 
 benchmark stops; in bfloat16 the differences are reported (`difference_vs_jax`, `update_difference_vs_jax`).
 The frameworks are then timed in turns (A, B, C, A, B, C, ...), so that drift in the
 machine's load hits all alike.
+
+With `--root` (an ImageCoDe folder) a whole pass is timed instead of one step (`passes.py`): the evaluator's
+pass over the first `--limit_sets` sets of `--split` (`--measure=eval`), or one training epoch over them
+(`--measure=train`), built from `configs/imagecode.py` with `--protocol` as `evaluate` and `train` build it, at
+`--descriptions` per batch: grouped by set or not (`--group_by_set`, default the protocol's), stage 2b on cached
+features or not (`--cache_features`, default the protocol's; the cache's build time is reported apart), with
+`--set_slots` sets per grouped batch (0: the config's rule, `grouped.Layout.of`). The rows
+give `descriptions_per_s`, `images_encoded_per_description` and `flops_per_description`. `--compare=torch` adds
+the authors' way in PyTorch (per-description batches, each description's 10 images decoded and encoded), whose
+scores must match JAX's for every description after the first round of passes, else nothing is reported;
+`--compare=uncached` adds stage 2b's epoch without the cache. Training passes follow `--warmup` untimed epochs
+(a run trains many in one process, and its first is slower); an evaluation pass is timed from its first call, as
+`evaluate` makes one.
 
 `--profile=DIR` traces one more JAX call into DIR and adds a row of time per kind of XLA operation
 (`profile.py`). `--input_pipeline` adds a row for the grain pipeline at the step's batch shape (`inputs.py`).
@@ -50,7 +67,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from contextblip_jax import cli, stages
-from contextblip_jax.benchmark import plots, profile, sweep
+from contextblip_jax.benchmark import passes, plots, profile, sweep
 from contextblip_jax.benchmark.inputs import input_row
 from contextblip_jax.benchmark.jax_steps import (
     PRESETS,
@@ -95,6 +112,21 @@ _SWEEP_MAX = flags.DEFINE_integer("sweep_max", 64, "Largest descriptions (or dev
 _SWEEP_POINT_S = flags.DEFINE_float("sweep_point_s", 1800.0, "Time limit of one sweep point; past it the sweep stops.")
 _PROFILE = flags.DEFINE_string(
     "profile", "", "Folder: trace one more JAX call there and add a row of time per XLA operation (profile.py)."
+)
+_ROOT = flags.DEFINE_string("root", "", "ImageCoDe folder: time a whole pass over its sets instead of one step.")
+_SPLIT = flags.DEFINE_enum("split", "valid", ["train", "valid"], "With --root: the split whose sets are read.")
+_LIMIT_SETS = flags.DEFINE_integer("limit_sets", 12, "With --root: the split's first N sets make the pass.")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol", "improved", ["authors", "improved"], "With --root: the protocol of configs/imagecode.py."
+)
+_GROUP_BY_SET = flags.DEFINE_bool(
+    "group_by_set", None, "With --root: batches of whole sets (data/eval.group_by_set); default: the protocol's."
+)
+_CACHE_FEATURES = flags.DEFINE_bool(
+    "cache_features", None, "With --root, stage 2b: train on cached features; default: the protocol's."
+)
+_SET_SLOTS = flags.DEFINE_integer(
+    "set_slots", 0, "With --root, grouped: sets per batch (eval/data.set_slots; 0: the config's rule)."
 )
 _OUT = flags.DEFINE_string("out", "", "Sweeps: folder for sweep_<kind>.jsonl and sweep_<kind>.png (default: .).")
 
@@ -201,6 +233,27 @@ def step_rows(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+def pass_rows(setup: Setup) -> list[dict[str, Any]]:
+    """`--root`: the rows of whole passes (`passes.py`)."""
+    if _MEASURE.value == "adapter":
+        raise app.UsageError("--root times a pass of --measure=eval or --measure=train")
+    pass_setup = passes.PassSetup(
+        step=setup,
+        root=_ROOT.value,
+        split=_SPLIT.value,
+        limit_sets=_LIMIT_SETS.value,
+        protocol=_PROTOCOL.value,
+        group_by_set=_GROUP_BY_SET.value,
+        cache_features=_CACHE_FEATURES.value,
+        set_slots=_SET_SLOTS.value,
+    )
+    try:
+        passes.check_compare(setup, tuple(_COMPARE.value))
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    return passes.pass_rows(pass_setup, tuple(_COMPARE.value), _RUNS.value, _WARMUP.value)
+
+
 def peak_memory_fields(
     framework: str, jax_memory: tuple[int, str], torch_memory: tuple[int, str] | None
 ) -> dict[str, Any]:
@@ -279,13 +332,18 @@ def main(argv: list[str]) -> None:
     }
     if _INPUT_PIPELINE.value and setup.stage_row.data != "imagecode":
         raise app.UsageError("--input_pipeline measures the ImageCoDe pipeline: choose an ImageCoDe stage")
-    rows = adapter_rows(setup) if _MEASURE.value == "adapter" else step_rows(setup)
+    if _ROOT.value:
+        rows = pass_rows(setup)
+    elif _MEASURE.value == "adapter":
+        rows = adapter_rows(setup)
+    else:
+        rows = step_rows(setup)
     if _INPUT_PIPELINE.value:
         batches = max(3, 40 // setup.descriptions)
         image_size = setup.config.blip.vision.image_size
         rows.append(input_row(setup.descriptions, image_size, _INPUT_WORKERS.value, batches))
-    for row in rows:
-        print(json.dumps({**row, **common}), flush=True)
+    for row in rows:  # a pass row's `descriptions` counts the pass's; its batch holds `batch_size`
+        print(json.dumps({**row, **common, **row}), flush=True)
 
 
 def run() -> None:

@@ -131,16 +131,21 @@ def random_batch(setup: Setup) -> dict[str, np.ndarray]:
 def step_figures(fn: Callable[..., Any], args: tuple[Any, ...], compiled: Any) -> dict[str, Any]:
     """FLOPs per step of `fn(*args)` (`hardware.program_flops`: the program's count, lowered for the CPU whatever
     the device) and the compiler's memory estimate for `compiled` (None where the backend gives none)."""
+    return {"flops_per_step": hardware.program_flops(fn, *args), "estimated_memory_bytes": memory_estimate(compiled)}
+
+
+def memory_estimate(compiled: Any) -> int | None:
+    """The compiler's bytes for `compiled`'s arguments, outputs and temporaries, donated ones counted once (None
+    where the backend gives no analysis)."""
     memory = compiled.memory_analysis()
-    estimate = None
-    if memory is not None:
-        estimate = (
-            memory.argument_size_in_bytes
-            + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes
-        )
-    return {"flops_per_step": hardware.program_flops(fn, *args), "estimated_memory_bytes": estimate}
+    if memory is None:
+        return None
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
 
 
 def run_config(setup: Setup) -> ml_collections.ConfigDict:
