@@ -36,9 +36,17 @@ _START_BATCH = flags.DEFINE_integer(
 _CONFIG = config_flags.DEFINE_config_dict(
     "config",
     ml_collections.ConfigDict(
-        {"scan_layers": False, "remat": (), "remat_policy": "full", "dtype": "bfloat16", "mesh": DEFAULT_MESH}
+        {
+            "scan_layers": False,
+            "remat": (),
+            "remat_policy": "full",
+            "dtype": "bfloat16",
+            "mesh": DEFAULT_MESH,
+            "protocol": "authors",
+        }
     ),
-    "Keys set on every cell's run config (e.g. --config.scan_layers=True, --config.mesh='(-1,16,1)').",
+    "Keys set on every cell's run config (e.g. --config.scan_layers=True, --config.mesh='(-1,16,1)'); "
+    "--config.protocol=improved builds each cell from that protocol (stages 2a and 2b grouped by set).",
 )
 
 

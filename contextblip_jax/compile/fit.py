@@ -43,11 +43,12 @@ PAPER_BATCH = {"pretrain": 1024, "finetune": 36, "context": 36}
 """The authors' global batch per stage (`shared/reference/contextblip.md`): 256 × 4 GPUs for stage 1, 36 after."""
 
 
-def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """The run config of `stage` at `variant`, as `configs/pretrain.py` / `configs/imagecode.py` give it."""
+def stage_config(stage: str, variant: str, protocol: str = "authors") -> ml_collections.ConfigDict:
+    """The run config of `stage` at `variant` under `protocol`, as `configs/pretrain.py` / `configs/imagecode.py`
+    give it (`improved` trains stages 2a and 2b on batches grouped by set, 64 tokens)."""
     if stages.get(stage).data == "captions":
-        return runconfig.config_file("pretrain", f"variant={variant}")
-    return runconfig.config_file("imagecode", f"stage={stage},variant={variant}")
+        return runconfig.config_file("pretrain", f"variant={variant},protocol={protocol}")
+    return runconfig.config_file("imagecode", f"stage={stage},variant={variant},protocol={protocol}")
 
 
 def _probe(config: ml_collections.ConfigDict, batch: int, workdir: str, target: targets.Target) -> dict[str, Any]:
@@ -165,9 +166,11 @@ def cell(
     workdir: str,
     max_compiles: int,
     start_batch: int | None = None,
+    protocol: str = "authors",
 ) -> dict[str, Any]:
-    """One table cell: the peak at the paper batch (or at `start_batch`), the largest batch that fits, FLOPs per
-    image, compile time and the step-time estimate at the batch it started from."""
+    """One table cell (of `config`, built for `protocol`): the peak at the paper batch (or at `start_batch`),
+    the largest batch that fits, FLOPs per image, compile time and the step-time estimate at the batch it started
+    from."""
     target = targets.parse(target_name)
     found = largest_batch(config, workdir, target, start_batch or PAPER_BATCH[stage], max_compiles)
     start = found["at_start"]
@@ -185,6 +188,10 @@ def cell(
         "paper_batch": PAPER_BATCH[stage],
         "start_batch": start_batch,
         "batch": start["batch_size"],
+        "protocol": protocol,
+        "group_by_set": bool(config.data.group_by_set) and stages.get(stage).data == "imagecode",
+        "images_per_step": train.get("images_per_step"),
+        "descriptions_per_step": train.get("descriptions_per_step"),
         "peak_bytes_per_device": train.get("peak_bytes") or train.get("needed_bytes"),
         "argument_bytes_per_device": train.get("argument_bytes"),
         "memory_per_device_bytes": start["memory_per_device_bytes"],
@@ -212,7 +219,7 @@ def cell_key(
     it, e.g. `(-1, 16, 1)`). The remat policy counts only where a tower is rematerialised."""
     remat = tuple(settings["remat"])
     policy = settings["remat_policy"] if remat else None
-    flags = settings["dtype"], bool(settings["scan_layers"]), remat, policy
+    flags = settings["dtype"], bool(settings["scan_layers"]), remat, policy, settings.get("protocol", "authors")
     return variant, stage, target_label, tuple(settings["mesh"]), start_batch, *flags
 
 
@@ -225,6 +232,7 @@ def _row_settings(row: Mapping[str, Any]) -> dict[str, Any]:
         "remat": row.get("remat", ()),
         "remat_policy": row.get("remat_policy", "full"),
         "mesh": row.get("mesh_config", DEFAULT_MESH),
+        "protocol": row.get("protocol", "authors"),
     }
 
 
@@ -261,6 +269,15 @@ def _estimate(step_time: dict[str, Any] | None) -> str:
     return f"{estimate * 1e3:.0f} ms{only}"
 
 
+def _batch(row: dict[str, Any]) -> str:
+    """The batch cell: global descriptions (or captions), with the protocol where it is not the authors' and the
+    set slots of a batch grouped by set (10 images each)."""
+    notes = [row["protocol"]] if row.get("protocol", "authors") != "authors" else []
+    if row.get("group_by_set"):
+        notes.append(f"grouped, {row['images_per_step'] // 10} sets")
+    return f"{row['batch']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The cells as the fit table of docs/compile-and-fit.md. `state / device` is the step's arguments per device:
     the parameters, the optimizer state and the batch, which is what an `fsdp` axis divides."""
@@ -278,7 +295,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             largest = f"≥ {largest}" + (f", < {high}" if high else "")
         flops = f"{row['flops_per_image'] / 1e9:.0f}" if row["flops_per_image"] else "n/a"
         lines.append(
-            f"| {row['variant']} | {row['stage']} | {_where(row)} | {_towers(row)} | {row['batch']} "
+            f"| {row['variant']} | {row['stage']} | {_where(row)} | {_towers(row)} | {_batch(row)} "
             f"| {gib:.1f} of {limit:.0f} GiB"
             f"{'' if row['fits'] else ' (does not fit)'} | {'n/a' if state is None else f'{state / (1 << 30):.2f} GiB'}"
             f" | {largest} | {flops} | {row['compile_s']:.0f} s | "
@@ -301,20 +318,24 @@ def sweep(
     """Every cell of the product, each appended to `out` and handed to `found` as soon as it is compiled (a sweep
     takes hours: the command prints each row then); a cell already in `out` (`done_cells`) is taken from there."""
     done = done_cells(out)
+    overrides = dict(overrides)
+    protocol = overrides.pop("protocol", "authors")
     rows = []
     for variant in variants:
         for stage in stage_names:
             for target_name in target_names:
-                config = stage_config(stage, variant)
+                config = stage_config(stage, variant, protocol)
                 config.update(overrides)
-                key = cell_key(variant, stage, targets.parse(target_name).label, config, start_batch)
+                settings = {"protocol": protocol, "remat_policy": config.remat_policy, "mesh": config.mesh}
+                settings.update(dtype=config.dtype, scan_layers=config.scan_layers, remat=config.remat)
+                key = cell_key(variant, stage, targets.parse(target_name).label, settings, start_batch)
                 if key in done:
                     logging.info("%s %s on %s: already in %s", variant, stage, target_name, out)
                     rows.append(done[key])
                     continue
-                where = os.path.join(workdir, variant.replace("/", ""), stage, target_name)
+                where = os.path.join(workdir, variant.replace("/", ""), stage, protocol, target_name)
                 try:
-                    row = cell(config, stage, variant, target_name, where, max_compiles, start_batch)
+                    row = cell(config, stage, variant, target_name, where, max_compiles, start_batch, protocol)
                 except ValueError as error:
                     raise ValueError(f"{variant} {stage} on {target_name}: {error}") from error
                 with open(out, "a") as f:

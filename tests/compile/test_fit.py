@@ -131,10 +131,11 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     and a cell that differs only in a config key the sweep sets (here scan, then the mesh) is a cell of its own."""
     compiled = []
 
-    def fake_cell(config, stage, variant, target_name, workdir, max_compiles, start_batch):
+    def fake_cell(config, stage, variant, target_name, workdir, max_compiles, start_batch, protocol):
         compiled.append((variant, stage, target_name, bool(config.scan_layers), tuple(config.mesh)))
         label = targets.parse(target_name).label
         keys = {"dtype": config.dtype, "scan_layers": bool(config.scan_layers), "remat": list(config.remat)}
+        keys.update(protocol=protocol, group_by_set=bool(config.data.group_by_set))
         keys["mesh_config"], keys["start_batch"] = list(config.mesh), start_batch
         return {"variant": variant, "stage": stage, "target": label, **keys, "compiled": len(compiled)}
 
@@ -154,8 +155,12 @@ def test_a_sweep_taken_up_again_compiles_only_the_cells_it_lacks(tmp_path, monke
     fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2, start_batch=80)
     fit.sweep(["tiny"], ["finetune"], ["v5e-8"], plain, out, str(tmp_path), 2, start_batch=80)
     assert len(compiled) == 5
+    improved = fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "protocol": "improved"}, out, str(tmp_path), 2)
+    assert len(compiled) == 6 and improved[0]["group_by_set"]  # the improved protocol's cell: grouped by set
+    fit.sweep(["tiny"], ["finetune"], ["v5e-8"], {**plain, "protocol": "improved"}, out, str(tmp_path), 2)
+    assert len(compiled) == 6
     with open(out) as f:
-        assert len(f.readlines()) == 5
+        assert len(f.readlines()) == 6
 
 
 def test_rows_written_before_the_mesh_was_recorded_are_the_data_parallel_cells(tmp_path):
@@ -174,6 +179,14 @@ def test_the_table_says_how_far_the_search_got(exact, high, shown):
            "memory_per_device_bytes": 79 << 30, "fits": True, "largest_batch": 424, "exact": exact,
            "smallest_failing_batch": high, "flops_per_image": 144e9, "compile_s": 67.0, "step_time": None}  # fmt: skip
     assert shown in fit.markdown([row]).splitlines()[-1]
+
+
+def test_a_grouped_row_gives_its_batch_in_descriptions_with_its_protocol_and_set_slots():
+    row = {"variant": "B/16", "stage": "finetune", "target": "v5e-8", "batch": 40, "peak_bytes_per_device": 8 << 30,
+           "memory_per_device_bytes": 16 << 30, "fits": True, "largest_batch": 80, "exact": False,
+           "smallest_failing_batch": None, "flops_per_image": 144e9, "compile_s": 67.0, "step_time": None,
+           "protocol": "improved", "group_by_set": True, "images_per_step": 160}  # fmt: skip
+    assert "| unrolled | 40 (improved, grouped, 16 sets) | 8.0 of 16 GiB |" in fit.markdown([row])
 
 
 def test_a_pod_row_names_its_model_parallel_axes_and_the_state_each_chip_holds():
