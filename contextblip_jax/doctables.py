@@ -79,6 +79,45 @@ def _benchmark(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _passes(rows: Sequence[dict[str, Any]]) -> str:
+    """Whole-pass rows (`benchmark --root`): per measured pass and framework, the time a user waits and the work."""
+    lines = [
+        "| pass | framework | how batched | sets / descriptions | pass time, median (min–max) | descriptions/s "
+        "| images encoded per description | GFLOP per description | JAX / other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seconds = row["pass_s"]
+        kind = "grouped by set" if row["group_by_set"] else "per description"
+        if row.get("cache_features"):
+            kind = f"cached features (built in {row['cache_build_s']:.0f} s)"
+        ratios = [
+            f"{value:.2f}× {key.removeprefix('ratio_vs_')}" for key, value in row.items() if key.startswith("ratio_vs_")
+        ]
+        images = row.get("images_encoded_per_description")
+        flops = row.get("flops_per_description")
+        measured = f"{row['measure'].removesuffix('_pass')} `{row['stage']}`, {row['text_length']} tokens"
+        spread = f"{seconds['median']:.1f} s ({seconds['min']:.1f}–{seconds['max']:.1f})"
+        if row.get("warmup_passes"):
+            spread += f", after {row['warmup_passes']} untimed"
+        lines.append(
+            f"| {measured} | {row['framework']} | {kind}, {row['batch_size']} per batch "
+            f"| {row['sets']} / {row['descriptions']} | {spread} | {row['descriptions_per_s']:.3f} "
+            f"| {'' if images is None else f'{images:.2f}'} | {'' if flops is None else f'{flops / 1e9:.0f}'} "
+            f"| {', '.join(ratios)} |"
+        )
+    first = rows[0]
+    devices = sorted({row["device"] for row in rows})
+    dates = sorted({row["date"] for row in rows if "date" in row})
+    lines += [
+        "",
+        f"Preset `{first['preset']}`, {first['dtype']}, {first['runs']} timed passes per row, on {'; '.join(devices)}"
+        + (f", {', '.join(dates)}" if dates else "")
+        + ". GFLOP: XLA's count of the programs run (PyTorch's rows: the same step on per-description batches).",
+    ]
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     data: str
@@ -90,6 +129,7 @@ TABLES = {
     "benchmarks_cpu_train": Table("docs/benchmarks/train_base_cpu.jsonl", _benchmark),
     "benchmarks_cpu_eval": Table("docs/benchmarks/eval_base_cpu.jsonl", _benchmark),
     "benchmarks_gpu_h200_autotune0": Table("docs/benchmarks/gpu_h200_autotune0.jsonl", _benchmark),
+    "benchmarks_cpu_passes": Table("docs/benchmarks/passes_base_cpu.jsonl", _passes),
     "fit": Table("docs/fit/fit.jsonl", fit.markdown),
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
