@@ -351,7 +351,7 @@ def check_agreement(jax_outputs: dict[int, np.ndarray], torch_outputs: dict[int,
     if dtype == "float32" and worst > AGREEMENT:
         raise SystemExit(
             f"PyTorch's scores differ from JAX's by up to {worst:.3g} (> {AGREEMENT}) on the same descriptions; "
-            "nothing was timed"
+            "no row is made"
         )
     return worst
 
