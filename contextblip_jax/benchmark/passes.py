@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,8 +41,7 @@ from flax import nnx
 
 from contextblip_jax import parallel, runconfig, stages
 from contextblip_jax.benchmark.jax_steps import Setup, memory_estimate, random_batch
-from contextblip_jax.compile import hardware
-from contextblip_jax.data import grouped as grouped_layout
+from contextblip_jax.compile import aot, hardware
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.errors import SKIPPED_FIELD
 from contextblip_jax.data.pipeline import make_global_batch
@@ -186,13 +185,6 @@ def jax_eval_side(setup: PassSetup, root: str, grouped: bool) -> tuple[Side, dic
     return Side("jax", run, figures), params
 
 
-def _torch_batches(dataset: Any, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    for count, batch in enumerate(dataset):
-        if limit is not None and count >= limit:
-            return
-        yield batch
-
-
 def torch_eval_side(setup: PassSetup, root: str, params: dict[str, np.ndarray]) -> Side:
     """The authors' way of scoring the split: per-description batches, each description's 10 images encoded."""
     from contextblip_jax.benchmark import torch_steps  # torch is a development dependency
@@ -202,12 +194,12 @@ def torch_eval_side(setup: PassSetup, root: str, params: dict[str, np.ndarray]) 
     held = torch_steps.build_model(setup.step, params, base_config().optimizer, "cpu")
     data = runconfig.data_config(config, train=False)
     evaluator = ImageCodeEvaluator(data, "valid", parallel.make_mesh(config.mesh), group_by_set=False)
-    dtype = torch_steps.torch.bfloat16 if setup.step.dtype == "bfloat16" else torch_steps.torch.float32
+    dtype = torch_steps.torch_dtype(setup.step.dtype)
     fields = ("images", "input_ids", "attention_mask")
 
     def run() -> tuple[int, dict[int, np.ndarray]]:
         outputs: dict[int, np.ndarray] = {}
-        for batch in _torch_batches(evaluator.batches()):
+        for batch in evaluator.batches():
             tensors = {name: torch_steps.torch.from_numpy(np.asarray(batch[name])) for name in fields}
             scores = torch_steps.make_torch_step(held, tensors, dtype, False)().float().numpy()
             for example_id, row in zip(np.asarray(batch["example_id"]).tolist(), scores, strict=True):
@@ -268,8 +260,8 @@ def jax_train_side(
     figures: dict[str, Any] = {}
     shards = parallel.batch_shards(mesh)
     train_input = inputs.train_input(config, stage, shards)
-    if grouped and not cached:
-        layout = grouped_layout.Layout.of(config.data.batch_size, shards, config.data.set_slots, section="data")
+    layout = None if cached else aot.set_layout(config, stage, True, shards)  # as `train_input` lays it out
+    if layout is not None:
         figures["set_slots"] = layout.set_slots * layout.groups
     if cached:
         began = time.perf_counter()
@@ -317,7 +309,7 @@ def torch_train_side(setup: PassSetup, root: str, params: dict[str, np.ndarray])
     config = pass_config(setup, root, grouped=False, cached=False)
     held = torch_steps.build_model(setup.step, params, config.optimizer, "cpu")
     train_input = inputs.train_input(config, stages.get(setup.step.stage))
-    dtype = torch_steps.torch.bfloat16 if setup.step.dtype == "bfloat16" else torch_steps.torch.float32
+    dtype = torch_steps.torch_dtype(setup.step.dtype)
     fields = ("images", "input_ids", "attention_mask", "target")
     counted = {"steps": 0}
 
@@ -490,11 +482,14 @@ def check_compare(step: Setup, compare: tuple[str, ...]) -> None:
     if unknown:
         raise ValueError(f"a pass compares with {PASS_FRAMEWORKS}, got {unknown}")
     measure = "train" if step.train else "eval"
-    if "torch" in compare and (measure, step.stage) not in (("train", "finetune"), ("eval", "zeroshot")):
-        raise ValueError(
-            "PyTorch's pass is ported for --measure=train --stage=finetune and --measure=eval --stage=zeroshot, "
-            f"not --measure={measure} --stage={step.stage}"
-        )
+    if "torch" in compare:
+        from contextblip_jax.benchmark import torch_steps  # torch is a development dependency
+
+        if (measure, step.stage) not in torch_steps.PORTED:
+            raise ValueError(
+                "PyTorch's pass is ported for --measure=train --stage=finetune and --measure=eval --stage=zeroshot, "
+                f"not --measure={measure} --stage={step.stage}"
+            )
     if "uncached" in compare and not (step.train and stages.get(step.stage).features):
         raise ValueError(
             "--compare=uncached times stage 2b's epoch without cached features: --measure=train --stage=context"

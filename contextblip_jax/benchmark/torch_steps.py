@@ -178,9 +178,14 @@ def update_difference(
     return worst
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch compute dtype of the benchmark's `--dtype` (`float32` or `bfloat16`)."""
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
 def measured_matmul_tflops(dtype: str, size: int = 2048, runs: int = 5) -> float:
     """PyTorch's best rate of a `size`^3 matrix product on the CPU (`hardware.measured_matmul_tflops` for JAX)."""
-    a = torch.ones(size, size, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    a = torch.ones(size, size, dtype=torch_dtype(dtype))
     return hardware.best_matmul_tflops(lambda: a @ a, size, runs)
 
 
@@ -290,7 +295,7 @@ def prepare(
         if held.optimizer is not None:
             held.optimizer.state.clear()
     tensors = {name: torch.from_numpy(np.asarray(value)).to(device) for name, value in batch.items()}
-    dtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+    dtype = torch_dtype(setup.dtype)
     call = make_torch_step(held, tensors, dtype, compile_model)
     start = time.perf_counter()
     first = call().float().cpu().numpy()
