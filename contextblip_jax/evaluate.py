@@ -10,13 +10,12 @@ leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file o
 --mmvp_root=PATH` prints MMVP-VLM pair accuracy per
 category, overall and the category mean.
 
-Imports: `cli`, `evaluation`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
+Imports: `cli`, `evaluation`, `files`, `runconfig`, `storage`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from contextblip_jax import cli, runconfig
+from contextblip_jax import cli, files, runconfig
 from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
 from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
 from contextblip_jax.evaluation.scoring import LEADERBOARD_FILE, accuracy, leaderboard
@@ -67,10 +66,9 @@ def main(argv: list[str]) -> None:
     }
     result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored), **work}
     if _SPLIT.value == "test":
-        path = os.path.join(workdir, LEADERBOARD_FILE)
+        path = files.join(workdir, LEADERBOARD_FILE)
         if jax.process_index() == 0:
-            with open(path, "w") as f:
-                json.dump(leaderboard(scored, evaluator.source.examples), f, indent=1)
+            files.write_text(path, json.dumps(leaderboard(scored, evaluator.source.examples), indent=1))
         result = {
             "split": "test",
             "step": scoring.step,

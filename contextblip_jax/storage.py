@@ -6,14 +6,15 @@ They are read one of two ways (`Shardings`): straight into the shards a mesh giv
 storage only the slices its own devices hold (what a run starts from), or whole onto the host (evaluation and
 prediction on one device, tests).
 
-Imports: nothing of the package.
+Imports: `files`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
-import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from contextblip_jax import files
 
 Shardings = Mapping[str, jax.sharding.Sharding]
 """Where to read parameters to, by dotted name: those named are read straight into that sharding, in their
@@ -40,6 +43,43 @@ class CheckpointWriteError(CheckpointError):
     than train on with nothing to resume from. Checkpoints written before stay as they were."""
 
 
+class CheckpointReadError(CheckpointError):
+    """A checkpoint could not be read for a reason that says nothing about the checkpoint (storage unavailable or
+    slow, access refused): the run stops naming it, after retrying, and nothing is set aside or rewound."""
+
+
+TRANSIENT_STATUS = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|PERMISSION_DENIED|UNAUTHENTICATED)\b")
+"""tensorstore's status codes (the first word of its error messages) for failures of the storage, not the data:
+it reports HTTP 5xx, 408 and 429 as UNAVAILABLE once its own retries are spent, and 401 / 403 as the last two."""
+TRANSIENT_HTTP = frozenset({401, 403, 408, 429, 500, 502, 503, 504})
+"""HTTP statuses of a storage failure, as gcsfs reports them (an error's `code`)."""
+TRANSIENT_ERRNO = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EAGAIN})
+"""Local (NFS, gcsfuse) errors of a storage failure; ESTALE is added where the platform has it."""
+if hasattr(errno, "ESTALE"):
+    TRANSIENT_ERRNO = TRANSIENT_ERRNO | {errno.ESTALE}
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) says the storage failed (unavailable, slow, access refused)
+    rather than that what it holds is damaged: such a checkpoint is retried, never set aside. Anything not
+    recognised counts as damage, as a truncated array, a missing file or unparsable metadata do."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError | TimeoutError | PermissionError):
+            return True
+        if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNO:
+            return True
+        if getattr(error, "code", None) in TRANSIENT_HTTP:
+            return True
+        if any(kind.__name__ == "ClientConnectionError" for kind in type(error).__mro__):  # aiohttp's, under gcsfs
+            return True
+        if TRANSIENT_STATUS.match(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def read_failure(error: BaseException) -> str:
     """One line naming why stored arrays did not read back: Orbax and tensorstore raise many exception types,
     some with multi-line messages."""
@@ -50,13 +90,13 @@ def read_failure(error: BaseException) -> str:
 def save_params(directory: str, params: Mapping[str, np.ndarray]) -> None:
     """Writes `params` to `directory` (which must not exist yet) and waits until it is on disk."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(directory), dict(params))
+        checkpointer.save(files.resolve(directory), dict(params))
         checkpointer.wait_until_finished()
 
 
 def restore_params(directory: str, shardings: Shardings | None = None) -> dict[str, np.ndarray | jax.Array]:
     """The flat parameter dict `save_params` wrote, in its stored dtypes, read as `shardings` says."""
-    path = os.path.abspath(directory)
+    path = files.resolve(directory)
     handler = ocp.PyTreeCheckpointHandler()  # not a Checkpointer: its `metadata` hides why arrays do not open
     try:
         stored = handler.metadata(epath.Path(path)).tree

@@ -1,12 +1,14 @@
 """`python -m contextblip_jax.train --config=configs/X.py[:args] --workdir=W [--config.key=value ...]`.
 
-Reads top to bottom: mesh -> input -> model -> shardings -> step -> checkpoint -> evals -> loop. Running the
-same command again resumes from the newest checkpoint in W; SIGTERM (preemption) saves and exits 0.
+Reads top to bottom: mesh -> lock -> input -> model -> shardings -> step -> checkpoint -> evals -> loop. Running
+the same command again resumes from the newest checkpoint in W; SIGTERM (preemption) saves and exits 0. W is a
+local folder or `gs://BUCKET/PATH`; one run at a time holds it (`W/lock.json`): a second one exits with status 2
+naming the first.
 W/metrics.jsonl rows always carry `step` and `split` (other programs read them); validation rows carry `acc`,
 `acc_video`, `acc_static`.
 
-Imports: `cli`, `checkpoints`, `compile`, `data`, `evaluation`, `parallel`, `runconfig`, `stages`, `training`; a
-command (it defines flags), so no module imports it.
+Imports: `cli`, `checkpoints`, `compile`, `data`, `evaluation`, `files`, `parallel`, `runconfig`, `stages`,
+`training`; a command (it defines flags), so no module imports it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 
@@ -23,19 +24,22 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from contextblip_jax import cli, parallel, runconfig, stages
+from contextblip_jax import cli, files, parallel, runconfig, stages
 from contextblip_jax.checkpoints import best, run_state, weights
+from contextblip_jax.checkpoints.lock import WorkdirLock, WorkdirLocked, WorkdirLockLost
 from contextblip_jax.compile import aot, targets
 from contextblip_jax.data.pipeline import make_global_batch
 from contextblip_jax.evaluation import features
 from contextblip_jax.evaluation.evaluators import build_evaluators
-from contextblip_jax.training import hostmem, inputs, optim, programs, skipped
+from contextblip_jax.training import exclusive, hostmem, inputs, optim, programs, skipped
 from contextblip_jax.training.preemption import Preempted
 from contextblip_jax.training.step import TrainState
 from contextblip_jax.training.telemetry import METRICS_FILE, Telemetry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics.jsonl, TensorBoard and plots.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder (or gs://BUCKET/PATH) for checkpoints, metrics.jsonl, TensorBoard and plots."
+)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs only).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs only).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs only).")
@@ -56,6 +60,14 @@ _COMPILE_ONLY = flags.DEFINE_string(
     "and exit (non-zero when the config does not fit).",
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --compile_only on a TPU target: the number of slices.")
+_LOCK_STALE_AFTER = flags.DEFINE_float(
+    "lock_stale_after_s",
+    120.0,
+    "Seconds without a heartbeat after which another run's lock on the workdir counts as abandoned and this run "
+    "takes it over. A lock whose process is gone from this host, or that an earlier run of this requeued SLURM job "
+    "left, is taken over at once; a live run's heartbeat comes every eighth of this.",
+    lower_bound=1.0,
+)
 
 
 def train(
@@ -65,14 +77,12 @@ def train(
     num_processes: int | None = None,
     process_id: int | None = None,
     heartbeat_timeout_s: int | None = None,
+    lock_stale_after_s: float = 120.0,
 ) -> dict:
-    """Runs (or resumes) the training run in `workdir` and returns its summary: the best evaluation row (as
-    `W/best.json` names it), the plot and the metrics file, or `preempted_at`."""
-    if "://" in workdir:
-        raise ValueError(
-            f"workdir {workdir} is a URL; give a path on storage every host shares (e.g. a bucket mounted with "
-            "gcsfuse at /mnt/BUCKET, or NFS)"
-        )
+    """Runs (or resumes) the training run in `workdir` (a local folder or `gs://BUCKET/PATH`) and returns its
+    summary: the best evaluation row (as `W/best.json` names it), the plot and the metrics file, or `preempted_at`.
+    `WorkdirLocked` when another live run holds `workdir`."""
+    files.check_supported(workdir)
     config = runconfig.prepare(config)
     stage = stages.get(config.stage)
     if not stage.trains:
@@ -81,7 +91,17 @@ def train(
     # on multi-process runs (installed later, this handler would hide the signal from it and no process would stop).
     preempted = Preempted()
     try:
-        return _train(config, stage, workdir, preempted, coordinator, num_processes, process_id, heartbeat_timeout_s)
+        return _train(
+            config,
+            stage,
+            workdir,
+            preempted,
+            coordinator,
+            num_processes,
+            process_id,
+            heartbeat_timeout_s,
+            lock_stale_after_s,
+        )
     finally:
         preempted.restore()
 
@@ -95,12 +115,21 @@ def _train(
     num_processes: int | None,
     process_id: int | None,
     heartbeat_timeout_s: int | None,
+    lock_stale_after_s: float,
 ) -> dict:
     # ---- Mesh --------------------------------------------------------------------------------------------
     parallel.initialize_distributed(coordinator, num_processes, process_id, heartbeat_timeout_s)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
 
+    # ---- Lock: taken before anything in the workdir is read or written ------------------------------------------
+    with exclusive.hold_workdir(workdir, lock_stale_after_s) as lock:
+        return _train_holding(config, stage, workdir, preempted, mesh, lock)
+
+
+def _train_holding(
+    config, stage: stages.Stage, workdir: str, preempted: Preempted, mesh: jax.sharding.Mesh, lock: WorkdirLock | None
+) -> dict:
     # ---- Input -------------------------------------------------------------------------------------------
     train_input = inputs.train_input(config, stage, parallel.batch_shards(mesh))
 
@@ -188,6 +217,8 @@ def _train(
             if config.eval_every and step % config.eval_every == 0 and step != total_steps and not stop:
                 evaluate(step, state)
             if save:
+                if lock is not None:  # a run that took this workdir over meanwhile: stop before writing into it
+                    lock.check()
                 checkpoints.save(step, state, iterator, {skipped.METRIC: skips.total()})
                 last_good = step
             if stop:
@@ -198,7 +229,7 @@ def _train(
     return {
         "best": {} if best_row is None else {best_row["split"]: best_row},
         "plot": telemetry.plot(),
-        "metrics": f"{workdir}/{METRICS_FILE}",
+        "metrics": files.join(workdir, METRICS_FILE),
     }
 
 
@@ -250,9 +281,12 @@ def main(argv: list[str]) -> None:
             _NUM_PROCESSES.value,
             _PROCESS_ID.value,
             _HEARTBEAT_TIMEOUT.value,
+            _LOCK_STALE_AFTER.value,
         )
     except NonFiniteLoss as error:
         sys.exit(f"error: {error}")
+    except (WorkdirLocked, WorkdirLockLost) as error:
+        cli.fail(error)
     if jax.process_index() == 0:
         print(_summary(result, _WORKDIR.value))
         print(json.dumps(result, default=str))
@@ -264,8 +298,8 @@ def _summary(result: dict, workdir: str) -> str:
         return f"preempted at step {result['preempted_at']}: checkpoint saved; run the same command to resume"
     rows = [f"best {split} acc {row['acc']:.3f} at step {row['step']}" for split, row in result["best"].items()]
     names = ("metrics.jsonl", "curves.png", best.BEST_FILE, "checkpoints/", f"{features.CACHE_DIR}/")
-    files = ", ".join(name for name in names if os.path.exists(os.path.join(workdir, name))) or "nothing written"
-    return f"done: {'; '.join(rows) or 'no evaluation'}. In {workdir}: {files}"
+    written = ", ".join(name for name in names if files.exists(files.join(workdir, name))) or "nothing written"
+    return f"done: {'; '.join(rows) or 'no evaluation'}. In {workdir}: {written}"
 
 
 def _compile_only(config, workdir: str, target_name: str, num_slices: int) -> None:

@@ -19,9 +19,11 @@ clusters or whole training runs; CI runs both. `-m slow` holds the full-size che
 
 import glob
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -35,6 +37,7 @@ if not os.path.exists("/proc/driver/nvidia") and not glob.glob("/dev/accel*") an
     # wheels (the `accelerators` extra) from trying to start a CUDA or TPU backend (a traceback per process).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from tests import gcs_server
 from tests.runs import ROOT, SUITE_XLA_FLAG, device_env, run_config
 
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -86,3 +89,23 @@ def eight_devices(tmp_path_factory, data_root) -> dict[str, str]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdirs
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[gcs_server.GcsServer]:
+    """A local Cloud Storage for this test alone (tests/gcs_server.py): gcp-storage-emulator behind a proxy that
+    enforces preconditions and injects faults when asked (`gcs.set_faults`). Its environment is set for this
+    process, so that `gs://` in tensorstore, gcsfs and etils.epath reaches it; `gcs.env` is for subprocesses.
+
+    Starting one takes a fifth of a second, so each test gets its own, and a bucket named afresh
+    (`gcs.bucket`, `gcs.url(path)`): caches keyed by bucket (tensorstore's open kvstores, gcsfs's listings) cannot
+    carry another test's objects or endpoint over. gcsfs's cached filesystems are dropped too; they read the
+    endpoint from the environment on every call, but keep the listings they made."""
+    if not gcs_server.installed():
+        pytest.skip("no local Cloud Storage: gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
+    with gcs_server.serve(bucket=f"test-{secrets.token_hex(4)}") as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        if "gcsfs" in sys.modules:
+            sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+        yield server

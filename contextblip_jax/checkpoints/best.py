@@ -11,7 +11,7 @@ of `config.best.split`, a row better on `config.best.metric` than the best so fa
 latest checkpoint and keeps comparing against the recorded best. A run that never evaluates (stage 1) has no best
 file, and readers take its latest checkpoint.
 
-Imports: its own package (`checkpoints`), `storage`.
+Imports: its own package (`checkpoints`), `files`, `storage`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from contextblip_jax import files
 from contextblip_jax.storage import Shardings, read_params, whole_replica_writes_on_cpu, write_errors_named
 
 BEST_FILE = "best.json"
@@ -55,11 +55,10 @@ class Criterion:
 
 def read(workdir: str) -> dict[str, Any] | None:
     """`W/best.json`, or None when the run has none."""
-    path = os.path.join(workdir, BEST_FILE)
-    if not os.path.exists(path):
+    path = files.join(workdir, BEST_FILE)
+    if not files.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(files.read_text(path))
 
 
 class BestKeeper:
@@ -89,10 +88,7 @@ class BestKeeper:
         self.value, self.row = value, dict(row)
         if jax.process_index() == 0:
             record = {"step": int(row["step"]), **dataclasses.asdict(self.criterion), "value": value, "row": dict(row)}
-            path = os.path.join(self.workdir, BEST_FILE)
-            with open(path + ".tmp", "w") as f:
-                json.dump(record, f, indent=1)
-            os.replace(path + ".tmp", path)
+            files.write_text(files.join(self.workdir, BEST_FILE), json.dumps(record, indent=1))
         return True
 
     def close(self) -> None:
@@ -107,7 +103,7 @@ class BestParams:
     def __init__(self, workdir: str):
         whole_replica_writes_on_cpu()
         self._manager = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), BEST_DIR),
+            files.join(files.resolve(workdir), BEST_DIR),
             item_names=("params",),
             item_handlers={"params": ocp.StandardCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False),
@@ -129,7 +125,7 @@ class BestParams:
     def restore_params(self, step: int, shardings: Shardings | None = None) -> dict[str, np.ndarray | jax.Array]:
         """The parameters saved at `step`, read as `shardings` says whatever mesh wrote them."""
         stored = self._manager.item_metadata(step)["params"]
-        return read_params(os.path.join(self.directory, str(step), "params"), stored, shardings)
+        return read_params(files.join(self.directory, str(step), "params"), stored, shardings)
 
     def close(self) -> None:
         self._manager.close()

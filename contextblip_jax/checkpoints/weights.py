@@ -15,14 +15,13 @@ where a PyTorch file is converted (below). Per source:
   (`python -m contextblip_jax.convert`) for a model too large for one host.
 Without a mesh, a model is built on this process's first device (prediction, tests).
 
-Imports: its own package (`checkpoints`), `convert`, `models`, `parallel`, `runconfig`, `storage`.
+Imports: its own package (`checkpoints`), `convert`, `files`, `models`, `parallel`, `runconfig`, `storage`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from contextblip_jax import parallel, runconfig, storage
+from contextblip_jax import files, parallel, runconfig, storage
 from contextblip_jax.checkpoints import best, run_state
 from contextblip_jax.convert import directory, read_contextblip
 from contextblip_jax.models import axes
@@ -54,13 +53,12 @@ def run_params(
     `storage.DamagedCheckpointError` when none reads back) or a step number. With `mesh`, every parameter is
     read straight into its shards under `rules`; without, whole to the host as numpy arrays."""
     runconfig.check_choice(choice)
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if not os.path.exists(path):
+    path = files.join(workdir, MODEL_CONFIG_FILE)
+    if not files.exists(path):
         return None
 
     def config() -> ContextBLIPConfig:  # read once a checkpoint is found: a converted folder has a file of that name
-        with open(path) as f:
-            return ContextBLIPConfig.from_json(f.read())
+        return ContextBLIPConfig.from_json(files.read_text(path))
 
     found = _chosen_params(workdir, choice, lambda: None if mesh is None else _shardings(config(), mesh, rules))
     if found is None:
@@ -100,7 +98,7 @@ def _chosen_params(
 
 
 def _best_steps(workdir: str) -> list[int]:
-    if not os.path.isdir(os.path.join(workdir, best.BEST_DIR)):
+    if not files.is_dir(files.join(workdir, best.BEST_DIR)):
         return []
     store = best.BestParams(workdir)
     try:
@@ -136,19 +134,24 @@ def initial_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -
     if not config.init:
         model = _sharded(runconfig.model_config(config), {}, dtype, mesh, rules, seed=config.seed)
         return model, "random initialisation"
-    if not os.path.exists(config.init):
+    if not files.exists(config.init):
         raise FileNotFoundError(f"init {config.init} does not exist")
     choice = config.init_checkpoint
-    previous = run_model(config.init, dtype, choice, mesh, rules) if os.path.isdir(config.init) else None
+    previous = run_model(config.init, dtype, choice, mesh, rules) if files.is_dir(config.init) else None
     if previous is not None:
         taken = choice if choice != "best" or best.read(config.init) else f"latest: it has no {best.BEST_FILE}"
         return previous[0], f"step {previous[1]} of {config.init} ({taken})"
     if (
-        os.path.isdir(config.init)
+        files.is_dir(config.init)
         and not directory.is_converted(config.init)
-        and not os.path.exists(os.path.join(config.init, "config.json"))
+        and not files.exists(files.join(config.init, "config.json"))
     ):
         raise FileNotFoundError(f"init {config.init} holds neither a run checkpoint nor convertible weights")
+    if files.is_url(config.init) and not directory.is_converted(config.init):
+        raise ValueError(
+            f"init {config.init}: PyTorch checkpoints are read from local paths only; convert it "
+            "(python -m contextblip_jax.convert) and give the converted folder, which may lie on gs://"
+        )
     model_config, params = read_contextblip(
         config.init,
         image_size=config.model.blip.vision.image_size,
@@ -181,11 +184,10 @@ def _one_device() -> Mesh:
 def check_resume(workdir: str, config: ContextBLIPConfig) -> None:
     """A workdir's checkpoints only fit the architecture they were saved with: a different one is an error
     naming every differing field, raised before anything is compiled or restored."""
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    path = files.join(workdir, MODEL_CONFIG_FILE)
+    if not files.exists(path) or not files.is_dir(files.join(workdir, "checkpoints")):
         return
-    with open(path) as f:
-        saved = flatten_dict(json.load(f))
+    saved = flatten_dict(json.loads(files.read_text(path)))
     given = flatten_dict(json.loads(config.to_json()))
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, config {given.get(key)!r}"
@@ -198,6 +200,5 @@ def check_resume(workdir: str, config: ContextBLIPConfig) -> None:
 
 def save_model_config(workdir: str, model: ContextBLIP) -> None:
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-            f.write(model.config.to_json())
+        files.makedirs(workdir)
+        files.write_text(files.join(workdir, MODEL_CONFIG_FILE), model.config.to_json())

@@ -6,7 +6,7 @@
 Modules here import the model configs and modules, `run_state.py` (Orbax) and each other; PyTorch is
 imported only where a pickle is read.
 
-Imports, for every module here: each other and `cli`, `data`, `models`, `storage`.
+Imports, for every module here: each other and `cli`, `data`, `files`, `models`, `storage`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from contextblip_jax import storage
+from contextblip_jax import files, storage
 from contextblip_jax.convert import directory
 from contextblip_jax.convert.blip import build_model
 from contextblip_jax.convert.contextblip import build_contextblip
@@ -135,7 +135,7 @@ def _read(
         wanted = {key[len(outer) :]: value for key, value in wanted.items() if key.startswith(outer)}
         if resampled:
             del wanted[name]
-        params_dir = os.path.join(path, directory.PARAMS_DIR)
+        params_dir = files.join(path, directory.PARAMS_DIR)
         params = _damage_named(path, lambda: storage.restore_params(params_dir, wanted))
     if resampled:
         params[name] = resample_posemb(params[name], image_size // blip.vision.patch_size)
@@ -146,8 +146,7 @@ def _architecture(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str, 
     """A converted folder's architecture and metadata, as `directory.read_converted` reads them."""
     metadata = directory.read_metadata(path)
     config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
-    with open(os.path.join(path, directory.CONFIG_FILE)) as f:
-        return config_class.from_json(f.read()), metadata
+    return config_class.from_json(files.read_text(files.join(path, directory.CONFIG_FILE))), metadata
 
 
 def _damage_named(path: str, read: Callable[[], Any]) -> Any:

@@ -9,7 +9,7 @@ DIR/tokenizer/          the source's tokenizer files, when it had any
 ```
 The folder is assembled beside DIR and renamed into place, so a failed conversion leaves no DIR behind.
 
-Imports: its own package (`convert`), `models`, `storage`.
+Imports: its own package (`convert`), `files`, `models`, `storage`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from contextblip_jax import storage
+from contextblip_jax import files, storage
 from contextblip_jax.convert.blip import to_dtype
 from contextblip_jax.convert.sources import TOKENIZER_FILES
 from contextblip_jax.models.config import BlipConfig, ContextBLIPConfig
@@ -34,7 +34,8 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def is_converted(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+    """Whether `path` (a local folder or a `gs://` URL) holds a converted model: its config and its params."""
+    return files.exists(files.join(path, CONFIG_FILE)) and files.is_dir(files.join(path, PARAMS_DIR))
 
 
 def check_output(output: str, overwrite: bool) -> None:
@@ -78,9 +79,8 @@ def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str,
     try:
         metadata = read_metadata(path)
         config_class = ContextBLIPConfig if metadata.get("model") == "contextblip" else BlipConfig
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            config = config_class.from_json(f.read())
-        params = storage.restore_params(os.path.join(path, PARAMS_DIR))
+        config = config_class.from_json(files.read_text(files.join(path, CONFIG_FILE)))
+        params = storage.restore_params(files.join(path, PARAMS_DIR))
     except Exception as error:  # Orbax and tensorstore raise many types; each one is reported
         raise storage.DamagedCheckpointError(
             f"the converted weights in {path} do not read back ({storage.read_failure(error)}); convert them again "
@@ -90,8 +90,7 @@ def read_converted(path: str) -> tuple[BlipConfig | ContextBLIPConfig, dict[str,
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        return json.load(f)
+    return json.loads(files.read_text(files.join(path, METADATA_FILE)))
 
 
 def _copy_tokenizer(source: str, destination: str) -> None:

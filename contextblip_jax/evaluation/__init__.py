@@ -6,6 +6,6 @@ scoring.py     predictions over hosts, accuracy overall / video / static, the le
 scorer.py      a workdir's chosen checkpoint ready to score on the config's mesh
 features.py    stage 2b's frozen-tower vectors of the training split, computed once and cached in the workdir
 
-Imports, for every module here: each other and `checkpoints`, `data`, `models`, `parallel`, `runconfig`,
+Imports, for every module here: each other and `checkpoints`, `data`, `files`, `models`, `parallel`, `runconfig`,
 `stages`, `training.step`, `training.inputs`.
 """

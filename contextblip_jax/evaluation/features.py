@@ -14,16 +14,16 @@ vocabulary, compute dtype, the model config). A resumed run whose key matches re
 rebuilds them. At ImageCoDe's 16,594 training descriptions and D = 768 the features take 510 MB in float32, 255 MB
 in bfloat16.
 
-Imports: its own package (`evaluation`), `data`, `runconfig`, `stages`, `training.inputs`.
+Imports: its own package (`evaluation`), `data`, `files`, `runconfig`, `stages`, `training.inputs`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from contextblip_jax import runconfig
+from contextblip_jax import files, runconfig
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.pipeline import array_dataset
 from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
@@ -115,11 +115,10 @@ def cached(
     """The split's columns (`COLUMNS`), read from `W/features/` when their key matches, else computed and written
     (by process 0; every process computes them, as every process scores an evaluation)."""
     key = cache_key(config, state.frozen, split)
-    folder, meta_path = os.path.join(workdir, CACHE_DIR, split), os.path.join(workdir, CACHE_DIR, f"{split}.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("key") == key and all(os.path.exists(os.path.join(folder, f"{c}.npy")) for c in COLUMNS):
+    folder, meta_path = files.join(workdir, CACHE_DIR, split), files.join(workdir, CACHE_DIR, f"{split}.json")
+    if files.exists(meta_path):
+        meta = json.loads(files.read_text(meta_path))
+        if meta.get("key") == key and all(files.exists(files.join(folder, f"{c}.npy")) for c in COLUMNS):
             logging.info("stage 2b features: reusing %s (%s, built in %.0f s)", folder, meta["shape"], meta["seconds"])
             return _read(folder, meta["dtype"])
         logging.info("stage 2b features: %s was built from other weights, data or settings; rebuilding", folder)
@@ -162,25 +161,23 @@ def _build(
 
 
 def _write(folder: str, meta_path: str, arrays: Mapping[str, np.ndarray], meta: dict) -> None:
-    """Columns into a temporary folder renamed into place, then the key: a run killed while writing leaves no key
-    that names incomplete files."""
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    """The key goes first, each column is replaced whole (`files.write_bytes`), and the new key comes last: a run
+    killed while writing leaves no key that names incomplete or older files."""
+    files.remove(meta_path)
+    files.makedirs(folder)
     for name, value in arrays.items():
-        stored = value.view(np.uint16) if value.dtype == jnp.bfloat16 else value
-        np.save(os.path.join(partial, f"{name}.npy"), stored)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    with open(meta_path + ".partial", "w") as f:
-        json.dump({**meta, "shape": list(arrays["features"].shape)}, f)
-    os.replace(meta_path + ".partial", meta_path)
+        stored = io.BytesIO()
+        np.save(stored, value.view(np.uint16) if value.dtype == jnp.bfloat16 else value)
+        files.write_bytes(files.join(folder, f"{name}.npy"), stored.getvalue())
+    files.write_text(meta_path, json.dumps({**meta, "shape": list(arrays["features"].shape)}))
 
 
 def _read(folder: str, dtype: str) -> dict[str, np.ndarray]:
-    arrays = {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in COLUMNS}
+    """Local files are mapped, not read (510 MB of features at ImageCoDe's size); objects are downloaded whole."""
+    arrays = {
+        name: np.load(io.BytesIO(files.read_bytes(path))) if files.is_url(path) else np.load(path, mmap_mode="r")
+        for name, path in ((name, files.join(folder, f"{name}.npy")) for name in COLUMNS)
+    }
     if dtype == "bfloat16":
         arrays["features"] = arrays["features"].view(jnp.bfloat16)
     return arrays

@@ -8,6 +8,8 @@ telemetry.py   `W/metrics.jsonl`, TensorBoard, the progress line, the curves plo
 preemption.py  SIGTERM as a flag every process agrees on
 skipped.py     damaged examples skipped and counted across hosts and resumes
 hostmem.py     glibc settings that keep freed host memory for the next step
+exclusive.py   one run per workdir: process 0 holds its lock, every process learns whether it could
 
-Imports, for every module here: each other and `data`, `models`, `parallel`, `runconfig`, `stages`.
+Imports, for every module here: each other and `checkpoints`, `data`, `files`, `models`, `parallel`, `runconfig`,
+`stages`.
 """

@@ -1,27 +1,38 @@
 """What a run reports: `W/metrics.jsonl` (the contract), TensorBoard events (tensorboardX, no TensorFlow),
 a progress line on terminals, and a PNG of the training loss and validation accuracy at the end.
 
-Only process 0 writes; every process may call.
+Only process 0 writes; every process may call. The workdir may be a `gs://` URL (`files`): there TensorBoard's
+events are written to a local folder and uploaded (each file whole, through `files` and its retries) every
+`EVENTS_UPLOAD_EVERY_S` and at the end, rather than by tensorboardX's own Cloud Storage writer, which uploads at
+every flush through a second client library that does not retry a first upload.
 
-Imports: its own package (`training`) only.
+Imports: its own package (`training`), `files`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
 import jax
 from absl import logging
 
+from contextblip_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_LINES = 10
 """Progress lines a whole run logs where stderr is not a terminal (a log file, a batch job's output)."""
 PLOT_FILE = "curves.png"
+EVENTS_DIR = "tensorboard"
+EVENTS_UPLOAD_EVERY_S = 30.0
+"""How often a `gs://` run's TensorBoard events reach the bucket: each upload sends the events file whole."""
 
 
 def _summary_writer_class() -> type:
@@ -53,33 +64,46 @@ class Telemetry:
         self._start_step: int | None = None
         self._logged = 0  # the step of the last progress line logged
         self._events = None
+        self._events_dir = files.join(workdir, EVENTS_DIR)
+        """Where tensorboardX writes: the workdir's folder, or for a `gs://` run a local one uploaded from."""
+        self._uploaded = time.monotonic()
         if self.primary:
-            os.makedirs(workdir, exist_ok=True)
-            self._events = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
+            files.makedirs(workdir)
+            if files.is_url(workdir):
+                self._events_dir = tempfile.mkdtemp(prefix="contextblip-tensorboard-")
+            self._events = _summary_writer_class()(self._events_dir)
 
     def truncate_after(self, step: int) -> None:
         """Drops rows logged after `step`: a resumed run rewrites them, so the file reads as one clean run.
 
-        The shortened file replaces the old one in one rename, so a kill at any moment leaves one or the other."""
+        The shortened file replaces the old one whole (`files.write_text`), so a kill at any moment leaves one or
+        the other."""
         if not self.primary:
             return
         rows = [r for r in read_metrics(self.workdir) if r["step"] <= step]
-        path = os.path.join(self.workdir, METRICS_FILE)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
+        files.write_text(files.join(self.workdir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in rows))
 
     def write(self, row: dict[str, Any]) -> None:
         """Appends one metrics row (it must carry `step` and `split`); TensorBoard gets its finite numbers (a split
         without static sets has a NaN static accuracy)."""
         if not self.primary:
             return
-        with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        files.append_text(files.join(self.workdir, METRICS_FILE), json.dumps(row) + "\n")
         for key, value in row.items():
             if key not in ("step", "split") and isinstance(value, int | float) and math.isfinite(value):
                 self._events.add_scalar(f"{row['split']}/{key}", value, row["step"])
         self._events.flush()
+        if time.monotonic() - self._uploaded >= EVENTS_UPLOAD_EVERY_S:
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        """A `gs://` run's local events files to `W/tensorboard/`; nothing to do for a local workdir."""
+        if not files.is_url(self.workdir):
+            return
+        for name in sorted(os.listdir(self._events_dir)):
+            with open(os.path.join(self._events_dir, name), "rb") as f:
+                files.write_bytes(files.join(self.workdir, EVENTS_DIR, name), f.read())
+        self._uploaded = time.monotonic()
 
     def progress(self, step: int, loss: float, examples_per_s: float) -> None:
         """A progress line with loss, throughput and ETA: redrawn in place on a terminal; elsewhere logged
@@ -128,14 +152,21 @@ class Telemetry:
             acc_axis.set_ylabel("valid accuracy", color="tab:orange")
             acc_axis.set_ylim(0, 1)
         figure.tight_layout()
-        path = os.path.join(self.workdir, PLOT_FILE)
-        figure.savefig(path, dpi=100)
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=100)
         plt.close(figure)
+        path = files.join(self.workdir, PLOT_FILE)
+        files.write_bytes(path, image.getvalue())
         return path
 
     def close(self) -> None:
         if self._events is not None:
             self._events.close()
+            if files.is_url(self.workdir):
+                try:
+                    self._upload_events()
+                finally:
+                    shutil.rmtree(self._events_dir, ignore_errors=True)
         if self.primary and sys.stderr.isatty():
             sys.stderr.write("\n")
 
@@ -143,11 +174,10 @@ class Telemetry:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The rows of `W/metrics.jsonl`. A last line without its newline is a row a killed run was writing: it is
     dropped with a warning (the resumed run writes that step again); a damaged line elsewhere is an error."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = files.join(workdir, METRICS_FILE)
+    if not files.exists(path):
         return []
-    with open(path) as f:
-        lines = f.read().split("\n")
+    lines = files.read_text(path).split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -17,6 +17,11 @@ metrics.jsonl (all fields but the measured throughput), must equal those of an u
 (in this process: the same code as the command), and the file must hold each (split, step) once and no torn line.
 
     python -m tests.reliability.kills --kills=10 --steps=60 --seed=0   # the long run (CI: a short one, test_kills.py)
+    python -m tests.reliability.kills --kills=10 --steps=60 --seed=0 --gcs   # the same on gs:// (a local emulator)
+
+With `--gcs` (or `run(..., workdir="gs://...")`) the interrupted run's workdir is on Cloud Storage, where Orbax
+marks a complete step with a `commit_success.txt` object instead of renaming a temporary folder; the uninterrupted
+run it is compared with stays on local disk.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ import time
 
 import chex
 import orbax.checkpoint as ocp
+from etils import epath
 
-from contextblip_jax import train
+from contextblip_jax import files, train
+from contextblip_jax.checkpoints.lock import holder
 from tests.runs import ROOT, run_config, train_command
 
 SETTINGS = {
@@ -49,6 +56,8 @@ TIMED = ("examples_per_s",)
 """Fields of a train row that measure the machine rather than the run."""
 KINDS = ("write", "step", "start")
 TIMEOUT_S = 600
+LOCK_TAKEN_OVER = "took over the lock from"
+"""What a run logs when it takes over the workdir lock a killed run left (checkpoints/lock.py)."""
 
 
 @dataclasses.dataclass
@@ -59,19 +68,27 @@ class Kill:
     inside_write: bool  # a checkpoint's temporary folder existed at the kill
     warmed_up_s: float | None  # when its first checkpoint write began or completed (`write`, `step` kills)
     preempted_at: int | None = None  # the step a SIGTERM'd run reported
+    left_lock: bool = False  # the workdir's lock was still there once the process was gone
 
 
 def metrics_lines(workdir: str) -> list[str]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = files.join(workdir, "metrics.jsonl")
+    if not files.exists(path):
         return []
+    return files.read_text(path).split("\n")
+
+
+def _read(path: str) -> str:
     with open(path) as f:
-        return f.read().split("\n")
+        return f.read()
 
 
 def checkpoint_folders(workdir: str) -> tuple[set[str], set[tuple[str, int]]]:
     """(complete steps, temporary folders as (name, creation time)) under W/checkpoints. The time tells a folder
-    a process has just begun from one of the same name a killed process left behind."""
+    a process has just begun from one of the same name a killed process left behind (on Cloud Storage, where
+    folders have no time, 0: a step written again under a killed one's name does not count as new)."""
+    if files.is_url(workdir):
+        return _committed_objects(files.join(workdir, "checkpoints"))
     folder = os.path.join(workdir, "checkpoints")
     names = os.listdir(folder) if os.path.isdir(folder) else []
     temporaries = set()
@@ -80,6 +97,14 @@ def checkpoint_folders(workdir: str) -> tuple[set[str], set[tuple[str, int]]]:
             with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
                 temporaries.add((name, os.stat(os.path.join(folder, name)).st_ctime_ns))
     return {n for n in names if n.isdigit()}, temporaries
+
+
+def _committed_objects(folder: str) -> tuple[set[str], set[tuple[str, int]]]:
+    """`checkpoint_folders` on Cloud Storage: a step folder is complete once its commit marker exists."""
+    root = epath.Path(folder)
+    names = [p.name for p in root.iterdir()] if root.exists() else []
+    complete = {n for n in names if n.isdigit() and (root / n / "commit_success.txt").exists()}
+    return complete, {(n, 0) for n in names if n not in complete and (n.isdigit() or "tmp" in n)}
 
 
 def resumed_from(stderr: str) -> int | None:
@@ -175,7 +200,8 @@ def kill_once(
         assert max(map(int, complete)) == preempted and not temporaries, (preempted, complete, temporaries)
     warmed_up = None if watch.came_at is None or kind == "start" else round(watch.came_at - watch.began, 2)
     elapsed = round(time.monotonic() - watch.began, 2)
-    return Kill(kind, elapsed, resumed_from(output), inside_write, warmed_up, preempted)
+    left_lock = holder(workdir) is not None
+    return Kill(kind, elapsed, resumed_from(output), inside_write, warmed_up, preempted, left_lock)
 
 
 def preempted_at(output: str) -> int | None:
@@ -202,7 +228,7 @@ def finish(workdir: str, data_root: str, steps: int, log_path: str, settings: di
 def final_state(workdir: str, step: int) -> dict:
     """The train state (parameters, optimizer state, step) stored at `step`, as host arrays."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state"))
+        return checkpointer.restore(files.join(files.resolve(workdir), "checkpoints", str(step), "state"))
 
 
 def comparable_rows(workdir: str) -> list[str]:
@@ -217,15 +243,23 @@ def comparable_rows(workdir: str) -> list[str]:
 
 
 def run(
-    kills: int, seed: int, data_root: str, base: str, steps: int, terms: int = 0, extra: dict | None = None
+    kills: int,
+    seed: int,
+    data_root: str,
+    base: str,
+    steps: int,
+    terms: int = 0,
+    extra: dict | None = None,
+    workdir: str | None = None,
 ) -> dict:
     """Preempts a `steps`-step run `terms` times, then kills it `kills` times, resumes it to the end, and compares it
     with an uninterrupted one; returns the report (raises AssertionError on any difference). `extra`: run-config
-    keys (dotted) on top of `SETTINGS`."""
+    keys (dotted) on top of `SETTINGS`; `workdir`: the interrupted run's (default: in `base`, as the logs and the
+    uninterrupted run are), e.g. a `gs://` URL."""
     settings = {**SETTINGS, **(extra or {})}
     rng = random.Random(seed)
     began = time.monotonic()
-    interrupted, straight = os.path.join(base, "interrupted"), os.path.join(base, "straight")
+    interrupted, straight = workdir or os.path.join(base, "interrupted"), os.path.join(base, "straight")
     kinds = ["term"] * terms + [KINDS[i % len(KINDS)] for i in range(kills)]  # in turn: each kind as often
     done: list[Kill] = []
     warm_up_s = 12.0  # until a write or step kill has measured it
@@ -245,7 +279,11 @@ def run(
     got, expected = comparable_rows(interrupted), comparable_rows(straight)
     assert got == expected, "metrics rows differ from the uninterrupted run's"
     sigkills = [k for k in done if k.kind != "term"]
+    after_kills = [f"attempt-{n}.log" for n in range(2, len(kinds) + 1)] + ["final.log"]
+    logs = [os.path.join(base, name) for name in after_kills]
     return {
+        "locks_left": sum(k.left_lock for k in done),
+        "lock_takeovers": sum(LOCK_TAKEN_OVER in _read(log) for log in logs),
         "kills": len(sigkills),
         "kills_by_kind": {kind: sum(k.kind == kind for k in done) for kind in KINDS},
         "preempted_at": [k.preempted_at for k in done if k.kind == "term"],
@@ -267,6 +305,7 @@ def main() -> None:
     parser.add_argument("--terms", type=int, default=0, help="SIGTERM preemptions before the kills")
     parser.add_argument("--steps", type=int, default=60, help="the run's total steps (more kills need more)")
     parser.add_argument("--data_root", default=None, help="generated data (default: generated in a temporary folder)")
+    parser.add_argument("--gcs", action="store_true", help="the interrupted run on gs:// (a local Cloud Storage)")
     args = parser.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU harness: no accelerator plugin starts in the runs
     base = tempfile.mkdtemp(prefix="kills-")
@@ -277,7 +316,15 @@ def main() -> None:
 
         data_root = os.path.join(base, "data")
         inputs.ensure_synthetic_data(run_config(data_root))
-    json.dump(run(args.kills, args.seed, data_root, base, args.steps, args.terms), sys.stdout)
+    with contextlib.ExitStack() as stack:
+        workdir = None
+        if args.gcs:
+            from tests import gcs_server
+
+            server = stack.enter_context(gcs_server.serve(bucket="kills"))
+            os.environ.update(server.env)
+            workdir = server.url("interrupted")
+        json.dump(run(args.kills, args.seed, data_root, base, args.steps, args.terms, workdir=workdir), sys.stdout)
     sys.stdout.write("\n")
 
 

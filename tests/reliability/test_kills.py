@@ -14,6 +14,7 @@ def test_a_run_preempted_once_and_killed_three_times_ends_exactly_as_an_uninterr
     assert report["kills"] == 3 and report["kills_by_kind"] == {"write": 1, "step": 1, "start": 1}
     assert len(report["preempted_at"]) == 1 and report["preempted_at"][0] >= 2
     assert report["rows_compared"] >= 12
+    assert report["lock_takeovers"] == report["locks_left"] >= 2  # the next run took each lock a kill left at once
 
 
 @pytest.mark.long
