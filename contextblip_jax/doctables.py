@@ -118,6 +118,40 @@ def _passes(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _faults(row: dict[str, Any]) -> str:
+    outage = row.get("outage_s", 0)
+    return f"{row['rate']:.0%} of requests" + (f", then a {outage:.0f} s outage" if outage else "")
+
+
+def _storage_faults(rows: Sequence[dict[str, Any]]) -> str:
+    """`tests/reliability/storage_faults.py`: a gs:// run against a Cloud Storage failing a share of requests."""
+    lines = [
+        "| faults | requests | failed: 503 / dropped / slow | retried | runs of the command "
+        "| completed, equal to a local run | stops (each naming what failed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        stops = "; ".join(f"`{stop}`" for stop in row["stops"]) or "none"
+        lines.append(
+            f"| {_faults(row)} | {row['requests']} | {row['503']} / {row['drop']} / {row['slow']} "
+            f"| {row['retries']} | {row['attempts']} | {'yes' if row['completed'] and row['equal_to_local'] else 'no'} "
+            f"| {stops} |"
+        )
+    machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
+    lines += [
+        "",
+        "Faults: the share of requests failed at random, and an outage (every request answered 503) starting when "
+        f"the first run has committed its first checkpoint. A {rows[0]['steps']}-step tiny run (checkpoint every 2 "
+        "steps, evaluation every 4) with `--workdir=gs://...` "
+        f"on gcp-storage-emulator behind tests/gcs_server.py's proxy (slow answers wait {rows[0]['slow_s']:g} s; "
+        f"seed {rows[0]['seed']}), rerun until done; its state and {rows[0]['rows_compared']} metrics rows compared "
+        f"with an uninterrupted local run. The 503s include the outage's; retried: requests the proxy saw repeat one "
+        "it had failed. "
+        f"{'; '.join(machines)}.",
+    ]
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     data: str
@@ -131,6 +165,7 @@ TABLES = {
     "benchmarks_gpu_h200_autotune0": Table("docs/benchmarks/gpu_h200_autotune0.jsonl", _benchmark),
     "benchmarks_cpu_passes": Table("docs/benchmarks/passes_base_cpu.jsonl", _passes),
     "fit": Table("docs/fit/fit.jsonl", fit.markdown),
+    "storage_faults": Table("docs/reliability/storage_faults.jsonl", _storage_faults),
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 

@@ -13,24 +13,17 @@ Imports: nothing of the package.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
 import fsspec
 from etils import epath
 
-
-class _BucketTypeProbe(logging.Filter):
-    """gcsfs asks a storage-layout API for every bucket it meets and warns, once per call, when it cannot (no
-    default credentials, an emulator, a token without that permission) before falling back to the plain client,
-    which is what a run needs anyway. Left in, that warning buries a run's log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Could not determine bucket type" not in record.getMessage()
-
-
-logging.getLogger("gcsfs").addFilter(_BucketTypeProbe())
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+"""gcsfs's default filesystem first asks a storage-layout API what kind each bucket is (zonal, hierarchical) and,
+where it cannot (no default credentials, an emulator, a token without that permission), warns twice per call
+before falling back to the plain filesystem, which serves a run's files in every bucket. Read when gcsfs is
+first imported; a value set in the environment wins."""
 fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 """gcsfs keeps each folder listing it made, for good unless told otherwise; a workdir's folders change under it
 (tensorstore writing this process's arrays, the other hosts, the run before), and a stale listing of
@@ -89,6 +82,15 @@ def is_dir(path: str) -> bool:
         return os.path.isdir(path)
     with _named("listing", path):
         return epath.Path(path).is_dir()
+
+
+def list_names(path: str) -> list[str]:
+    """The names in the folder `path` ([] when there is none). Unlike `exists`, which fsspec answers False for any
+    failure, a storage failure here raises (`StorageError`, or the local `OSError`)."""
+    if not is_url(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    with _named("listing", path):
+        return sorted(p.name for p in epath.Path(path).iterdir())
 
 
 def read_text(path: str) -> str:

@@ -66,7 +66,7 @@ def is_storage_failure(error: BaseException) -> bool:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, ConnectionError | TimeoutError | PermissionError):
+        if isinstance(error, ConnectionError | TimeoutError | PermissionError | files.StorageError):
             return True
         if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNO:
             return True

@@ -283,7 +283,7 @@ def main(argv: list[str]) -> None:
             _HEARTBEAT_TIMEOUT.value,
             _LOCK_STALE_AFTER.value,
         )
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, files.StorageError) as error:  # not the user's to fix: exit status 1, in one line
         sys.exit(f"error: {error}")
     except (WorkdirLocked, WorkdirLockLost) as error:
         cli.fail(error)

@@ -161,11 +161,15 @@ def parser() -> argparse.ArgumentParser:
     setup_parser.add_argument("--repo", help="git URL to clone on each worker instead of copying --source")
     setup_parser.add_argument("--ref", default="main", help="branch or tag of --repo")
     setup_parser.add_argument(
-        "--bucket", help="mount this Cloud Storage bucket at /mnt/BUCKET on every worker (gcsfuse must be installed)"
+        "--bucket",
+        help="mount this Cloud Storage bucket at /mnt/BUCKET on every worker, for the data (gcsfuse must be "
+        "installed); give the workdir as gs://BUCKET/PATH",
     )
     run_parser = sub.add_parser("run", parents=[common], help="start the trainer on all workers: run -- ARGS")
     run_parser.add_argument("--detach", action="store_true", help="start and return without following worker 0")
-    run_parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: the trainer's flags")
+    run_parser.add_argument(
+        "train_args", nargs=argparse.REMAINDER, help="after --: the trainer's flags (--workdir=gs://BUCKET/PATH)"
+    )
     logs_parser = sub.add_parser("logs", parents=[common], help="show (and follow) one worker's training output")
     logs_parser.add_argument("--worker", type=int, default=0)
     logs_parser.add_argument("--slice", type=int, default=0)

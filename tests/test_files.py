@@ -50,13 +50,14 @@ def test_paths_resolve_to_what_orbax_needs():
         files.resolve("s3://b/run")
 
 
-@pytest.mark.long  # gcsfs spends about 30 s retrying each failing request
+@pytest.mark.long  # gcsfs spends about 30 s retrying a failing request
 def test_lasting_failures_of_cloud_storage_name_the_operation_and_the_object(gcs):
     path = gcs.url("run/best.json")
     files.write_text(path, "{}")
     gcs.set_faults(Faults(rate=1.0, kinds=("503",), names="best.json"))
-    with pytest.raises(files.StorageError, match=rf"reading {path} failed"):
+    with pytest.raises(files.StorageError, match=rf"reading {path} failed: HttpError: .*503"):
         files.read_text(path)
+    gcs.set_faults(Faults(rate=1.0, kinds=("403",), names="best.json"))  # not retried: refused at once
     with pytest.raises(files.StorageError, match=rf"writing {path} failed"):
         files.write_text(path, "[]")
     gcs.set_faults(None)

@@ -43,6 +43,8 @@ T = TypeVar("T")
 READ_RETRY_DELAYS_S = (2.0, 8.0, 30.0)
 """Waits before each new try of a checkpoint read that met a storage failure: about 40 s in all, past a passing
 outage, yet short beside a preempted run's restart. tensorstore and gcsfs retry single requests first."""
+ITEMS = ("state", "data", "counters")
+"""A step's parts: the train state, the data iterator's position, the run's counters."""
 READ, DAMAGED, STORAGE_FAILED = 0, 1, 2
 """What one process made of one checkpoint, as the processes tell each other."""
 
@@ -57,11 +59,8 @@ class RunCheckpoints:
 
         self._grain = grain
         whole_replica_writes_on_cpu()
-        handlers = {
-            "state": ocp.StandardCheckpointHandler,
-            "data": grain.checkpoint.CheckpointHandler,
-            "counters": ocp.JsonCheckpointHandler,
-        }
+        kinds = (ocp.StandardCheckpointHandler, grain.checkpoint.CheckpointHandler, ocp.JsonCheckpointHandler)
+        handlers = dict(zip(ITEMS, kinds, strict=True))
         self._manager = ocp.CheckpointManager(
             files.join(files.resolve(workdir), "checkpoints"),
             item_names=tuple(handlers),
@@ -181,7 +180,7 @@ class RunCheckpoints:
             except Exception as error:  # Orbax and tensorstore raise many types; each one is classified
                 reason = read_failure(error)
                 delay = next(delays, None)
-                if not is_storage_failure(error):
+                if not is_storage_failure(error) and self._storage_answers(step):
                     return DAMAGED, None, reason
                 if delay is None:
                     return STORAGE_FAILED, None, reason
@@ -195,6 +194,18 @@ class RunCheckpoints:
                     delay,
                 )
                 time.sleep(delay)
+
+    def _storage_answers(self, step: int) -> bool:
+        """Whether the step's folders can be listed. Damage is only believed where they can: Orbax checks for
+        an item with fsspec's `exists`, which answers False for any failure, so an unreachable item looks like a
+        missing one (a KeyError), and an outage would pass for damage."""
+        folder = files.join(self.directory, str(step))
+        try:
+            for name in ("", *ITEMS):
+                files.list_names(files.join(folder, name) if name else folder)
+        except Exception as error:  # the listing's own failure decides: storage, or a folder that is not there
+            return not is_storage_failure(error)
+        return True
 
     def _set_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:

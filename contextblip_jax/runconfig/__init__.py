@@ -8,7 +8,7 @@ A config is completed from `base_config()` (a config file written before a key e
 a key `base_config()` does not know is an error naming it), checked once before anything is built, and locked,
 so a misspelt key set later (`config.remat_polcy = ...`) fails at once instead of adding a field nothing reads.
 
-Imports, for every module here: each other and `data`, `evaluation.scoring`, `models`, `parallel`, `stages`,
+Imports, for every module here: each other and `data`, `evaluation.scoring`, `files`, `models`, `parallel`, `stages`,
 `training.optim`, `training.programs` (the tables of values the checks accept).
 """
 

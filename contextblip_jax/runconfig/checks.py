@@ -5,7 +5,7 @@ evaluation (a misspelt `best.metric`) the whole run up to it. So each check that
 make later is made here, with the consumer's own message where the consumer owns the rule (the model's runtime
 switches, the optimizers, the data pipeline's fields, the mesh axes).
 
-Imports: its own package (`runconfig`), `data`, `evaluation.scoring`, `models`, `parallel`, `stages`,
+Imports: its own package (`runconfig`), `data`, `evaluation.scoring`, `files`, `models`, `parallel`, `stages`,
 `training.optim`, `training.programs`.
 """
 
@@ -16,7 +16,7 @@ import re
 
 import ml_collections
 
-from contextblip_jax import parallel, stages
+from contextblip_jax import files, parallel, stages
 from contextblip_jax.data import imagecode
 from contextblip_jax.data.pipeline import DataConfig
 from contextblip_jax.evaluation.scoring import METRICS
@@ -168,7 +168,7 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
 def _check_paths(config: ml_collections.ConfigDict, stage: stages.Stage, data: bool, weights: bool) -> None:
     if config.data.root and not config.data.synthetic and not os.path.isdir(config.data.root):
         raise FileNotFoundError(f"data root {config.data.root} does not exist")
-    if weights and config.init and not os.path.exists(config.init):
+    if weights and config.init and not files.exists(config.init):
         raise FileNotFoundError(f"init {config.init} does not exist")
     if data:
         check_imagecode_folder(config, stage)

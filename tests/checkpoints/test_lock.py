@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -239,3 +240,29 @@ def test_a_cloud_storage_workdir_is_a_gcs_kvstore_and_other_urls_are_refused():
         kvstore_spec("s3://bucket/run")
     with pytest.raises(ValueError, match="gs:///run"):
         kvstore_spec("gs:///run")
+
+
+def test_on_cloud_storage_a_held_lock_is_refused_and_of_racers_exactly_one_wins(gcs):
+    """Through Cloud Storage's preconditions (`ifGenerationMatch`, which the test proxy enforces as Google does)."""
+    workdir = gcs.url("run")
+    first = WorkdirLock(workdir, stale_after_s=5, heartbeat_s=1).acquire()
+    with pytest.raises(WorkdirLocked, match=rf"{re.escape(workdir)} is in use by another run: {HOST} pid {PID}"):
+        WorkdirLock(workdir, stale_after_s=5, heartbeat_s=1).acquire()
+    first.release()
+    assert holder(workdir) is None
+
+    racers = [WorkdirLock(gcs.url("raced"), stale_after_s=5, heartbeat_s=1) for _ in range(6)]
+    start, won = threading.Barrier(len(racers)), []
+
+    def race(lock: WorkdirLock) -> None:
+        start.wait()
+        with contextlib.suppress(WorkdirLocked):
+            won.append(lock.acquire())
+
+    threads = [threading.Thread(target=race, args=(lock,)) for lock in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and gcs.counts()["precondition_failed"] >= 1
+    won[0].release()

@@ -4,6 +4,7 @@ local run does, survive kills, and a storage failure while restoring stops the r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import chex
@@ -48,6 +49,15 @@ def test_a_run_on_cloud_storage_equals_a_local_one_and_evaluates_and_chains_from
     scored = json.loads(evaluated.stdout.strip().splitlines()[-1])
     best = json.loads(files.read_text(files.join(remote, "best.json")))
     assert (scored["step"], scored["acc"]) == (best["step"], best["row"]["acc"])
+
+    images = os.path.join(data_root, "image-sets", sorted(os.listdir(os.path.join(data_root, "image-sets")))[0])
+    predicted = subprocess.run(
+        ["python", "-m", "contextblip_jax.predict", f"--workdir={remote}", f"--images={images}", "--stage=finetune",
+         "--text=a red circle"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len(json.loads(predicted.stdout[predicted.stdout.index("{") :])["ranking"]) == 10
 
     chained = trained(gcs.url("context"), data_root, 2, stage="context", init=remote)
     assert files.exists(chained["metrics"])
