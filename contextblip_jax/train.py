@@ -1,6 +1,6 @@
 """`python -m contextblip_jax.train --config=configs/X.py[:args] --workdir=W [--config.key=value ...]`.
 
-Reads top to bottom: mesh -> lock -> input -> model -> shardings -> step -> checkpoint -> evals -> loop. Running
+Reads top to bottom: mesh -> input -> lock -> model -> shardings -> step -> checkpoint -> evals -> loop. Running
 the same command again resumes from the newest checkpoint in W; SIGTERM (preemption) saves and exits 0. W is a
 local folder or `gs://BUCKET/PATH`; one run at a time holds it (`W/lock.json`): a second one exits with status 2
 naming the first.
@@ -122,17 +122,23 @@ def _train(
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch(config.data.batch_size // config.grad_accum_steps, mesh)
 
+    # ---- Input: built (and checked) first; it reads the data folder, never the workdir -------------------------
+    train_input = inputs.train_input(config, stage, parallel.batch_shards(mesh))
+
     # ---- Lock: taken before anything in the workdir is read or written ------------------------------------------
     with exclusive.hold_workdir(workdir, lock_stale_after_s) as lock:
-        return _train_holding(config, stage, workdir, preempted, mesh, lock)
+        return _train_holding(config, stage, workdir, preempted, mesh, train_input, lock)
 
 
 def _train_holding(
-    config, stage: stages.Stage, workdir: str, preempted: Preempted, mesh: jax.sharding.Mesh, lock: WorkdirLock | None
+    config,
+    stage: stages.Stage,
+    workdir: str,
+    preempted: Preempted,
+    mesh: jax.sharding.Mesh,
+    train_input: inputs.TrainInput,
+    lock: WorkdirLock | None,
 ) -> dict:
-    # ---- Input -------------------------------------------------------------------------------------------
-    train_input = inputs.train_input(config, stage, parallel.batch_shards(mesh))
-
     # ---- Model, shardings and steps, in their shards: a previous checkpoint of this run wins over `config.init` --
     epoch_steps = max(train_input.examples_per_epoch // config.data.batch_size, 1)
     steps_per_epoch = config.optimizer.steps_per_epoch or epoch_steps

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from contextblip_jax.convert.directory import CONFIG_FILE, PARAMS_DIR, read_converted, write_converted
+from contextblip_jax.convert import read_contextblip
+from contextblip_jax.convert.directory import CONFIG_FILE, PARAMS_DIR, is_converted, read_converted, write_converted
 from contextblip_jax.models.config import BlipConfig
 from contextblip_jax.storage import DamagedCheckpointError
 
@@ -40,3 +41,17 @@ def test_a_damaged_converted_folder_is_refused_naming_it(converted, damage):
     damage(converted)
     with pytest.raises(DamagedCheckpointError, match=f"{converted}.*convert them again"):
         read_converted(str(converted))
+
+
+def test_a_converted_folder_on_cloud_storage_reads_as_the_local_one(converted, gcs):
+    """What `--config.init=gs://...` reads: the folder copied to a bucket as it would be with `gcloud storage cp`."""
+    import fsspec
+
+    url = gcs.url("weights/converted")
+    fsspec.filesystem("gs").put(str(converted), url.removeprefix("gs://"), recursive=True)
+    assert is_converted(url)
+    local_config, local_params = read_contextblip(str(converted))
+    config, params = read_contextblip(url)
+    assert config == local_config and params.keys() == local_params.keys() and params
+    for name, value in local_params.items():
+        np.testing.assert_array_equal(params[name], value)

@@ -283,6 +283,7 @@ def run(
     logs = [os.path.join(base, name) for name in after_kills]
     return {
         "locks_left": sum(k.left_lock for k in done),
+        "locks_left_by_sigterm": sum(k.left_lock for k in done if k.kind == "term"),
         "lock_takeovers": sum(LOCK_TAKEN_OVER in _read(log) for log in logs),
         "kills": len(sigkills),
         "kills_by_kind": {kind: sum(k.kind == kind for k in done) for kind in KINDS},

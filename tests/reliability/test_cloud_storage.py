@@ -69,6 +69,7 @@ def test_a_run_on_cloud_storage_killed_three_times_ends_exactly_as_an_uninterrup
     report = kills.run(kills=3, terms=1, seed=0, data_root=data_root, base=str(tmp_path), steps=12, workdir=workdir)
     assert report["kills"] == 3 and report["rows_compared"] >= 12
     assert report["lock_takeovers"] == report["locks_left"] >= 2  # the next run took each lock a kill left at once
+    assert report["locks_left_by_sigterm"] == 0  # a preempted run releases its lock as it exits
 
 
 @pytest.mark.long

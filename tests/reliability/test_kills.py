@@ -15,6 +15,7 @@ def test_a_run_preempted_once_and_killed_three_times_ends_exactly_as_an_uninterr
     assert len(report["preempted_at"]) == 1 and report["preempted_at"][0] >= 2
     assert report["rows_compared"] >= 12
     assert report["lock_takeovers"] == report["locks_left"] >= 2  # the next run took each lock a kill left at once
+    assert report["locks_left_by_sigterm"] == 0  # a preempted run releases its lock as it exits
 
 
 @pytest.mark.long
