@@ -135,7 +135,11 @@ def append_text(path: str, text: str) -> None:
     whole object is uploaded again: each append costs the file's size, fine for a run's metrics (kilobytes to a
     few megabytes), not for bulk data."""
     if is_url(path):
-        write_text(path, (read_text(path) if exists(path) else "") + text)
+        try:
+            before = read_text(path)
+        except FileNotFoundError:
+            before = ""
+        write_text(path, before + text)
         return
     with open(path, "a") as f:
         f.write(text)

@@ -15,7 +15,7 @@ condition itself (`ifGenerationMatch`), and so does tensorstore's file driver, a
 Only one process of a multi-process run should hold the lock (process 0); the caller decides which, this module
 does not ask jax.
 
-Imports: nothing of the package.
+Imports: `files`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import socket
 import sys
 import threading
@@ -35,10 +34,11 @@ from typing import Any
 import tensorstore as ts
 from absl import logging
 
+from contextblip_jax import files
+
 LOCK_FILE = "lock.json"
 _ATTEMPTS = 10
 """How many times `acquire` reads the lock again after losing a race for it before it gives up."""
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class WorkdirLocked(RuntimeError):
@@ -51,11 +51,11 @@ class WorkdirLockLost(RuntimeError):
 
 def kvstore_spec(workdir: str) -> dict[str, str]:
     """The tensorstore kvstore holding `workdir`'s top-level files: a local folder or `gs://BUCKET/PATH`."""
-    url = _URL.match(workdir)
-    if url is None:
-        return {"driver": "file", "path": os.path.abspath(workdir) + "/"}
-    bucket, _, path = workdir[url.end() :].partition("/")
-    if url.group(1) != "gs" or not bucket:
+    location = files.resolve(workdir)  # refuses URLs other than gs://
+    if not files.is_url(location):
+        return {"driver": "file", "path": location + "/"}
+    bucket, _, path = location.removeprefix("gs://").partition("/")
+    if not bucket:
         raise ValueError(f"workdir {workdir!r}: a workdir is a local folder or gs://BUCKET/PATH")
     path = path.strip("/")
     return {"driver": "gcs", "bucket": bucket, "path": f"{path}/" if path else ""}
@@ -77,10 +77,16 @@ def _parse(value: bytes) -> dict[str, Any] | None:
     return record
 
 
+def _stored(kv: ts.KvStore) -> tuple[bool, dict[str, Any] | None, bytes]:
+    """(whether a lock object exists, its holder record or None when it is not one, its storage generation)."""
+    found = kv.read(LOCK_FILE).result()
+    present = found.state == "value"
+    return present, _parse(found.value) if present else None, found.stamp.generation
+
+
 def holder(workdir: str) -> dict[str, Any] | None:
     """The record of the run holding `workdir`'s lock; None when none does (or the record is not one)."""
-    found = _open(workdir).read(LOCK_FILE).result()
-    return _parse(found.value) if found.state == "value" else None
+    return _stored(_open(workdir))[1]
 
 
 def _iso(unix: float) -> str:
@@ -155,15 +161,14 @@ class WorkdirLock:
         mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "started_iso": _iso(now)}
         mine |= {"heartbeat": now, "token": token, **_slurm(), "argv": sys.argv}
         for _ in range(_ATTEMPTS):
-            found = self._kv.read(LOCK_FILE).result()
-            current = _parse(found.value) if found.state == "value" else None
+            present, current, generation = _stored(self._kv)
             if current is not None and current["token"] == token:  # our write landed though its answer was lost
-                self._record, self._generation = current, found.stamp.generation
+                self._record, self._generation = current, generation
                 break
-            reason = None if found.state != "value" else self._takeover_reason(current)
-            if found.state == "value" and reason is None:
+            reason = self._takeover_reason(current) if present else None
+            if present and reason is None:
                 raise WorkdirLocked(self._locked_message(current))
-            if self._write(mine, found.stamp.generation):
+            if self._write(mine, generation):
                 if reason is not None:
                     old = "an unreadable record" if current is None else _describe(current)
                     logging.warning("%s: took over the lock from %s: %s", self.path, old, reason)
@@ -250,8 +255,8 @@ class WorkdirLock:
 
     def _read(self) -> tuple[dict[str, Any] | None, bytes]:
         """The record as stored now (None when missing or not a lock record) and its generation."""
-        found = self._kv.read(LOCK_FILE).result()
-        return (_parse(found.value) if found.state == "value" else None), found.stamp.generation
+        _, current, generation = _stored(self._kv)
+        return current, generation
 
     def _ours(self, current: dict[str, Any] | None) -> bool:
         return current is not None and current["token"] == self._record["token"]

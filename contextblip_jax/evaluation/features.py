@@ -174,10 +174,11 @@ def _write(folder: str, meta_path: str, arrays: Mapping[str, np.ndarray], meta: 
 
 def _read(folder: str, dtype: str) -> dict[str, np.ndarray]:
     """Local files are mapped, not read (510 MB of features at ImageCoDe's size); objects are downloaded whole."""
-    arrays = {
-        name: np.load(io.BytesIO(files.read_bytes(path))) if files.is_url(path) else np.load(path, mmap_mode="r")
-        for name, path in ((name, files.join(folder, f"{name}.npy")) for name in COLUMNS)
-    }
+    paths = {name: files.join(folder, f"{name}.npy") for name in COLUMNS}
+    if files.is_url(folder):
+        arrays = {name: np.load(io.BytesIO(files.read_bytes(path))) for name, path in paths.items()}
+    else:
+        arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
     if dtype == "bfloat16":
         arrays["features"] = arrays["features"].view(jnp.bfloat16)
     return arrays

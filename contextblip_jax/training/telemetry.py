@@ -100,9 +100,9 @@ class Telemetry:
         """A `gs://` run's local events files to `W/tensorboard/`; nothing to do for a local workdir."""
         if not files.is_url(self.workdir):
             return
-        for name in sorted(os.listdir(self._events_dir)):
-            with open(os.path.join(self._events_dir, name), "rb") as f:
-                files.write_bytes(files.join(self.workdir, EVENTS_DIR, name), f.read())
+        for name in files.list_names(self._events_dir):
+            events = files.read_bytes(os.path.join(self._events_dir, name))
+            files.write_bytes(files.join(self.workdir, EVENTS_DIR, name), events)
         self._uploaded = time.monotonic()
 
     def progress(self, step: int, loss: float, examples_per_s: float) -> None:
