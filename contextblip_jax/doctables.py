@@ -152,6 +152,51 @@ def _storage_faults(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pointing(rows: Sequence[dict[str, Any]]) -> str:
+    """`scripts/pointing_seeds.py`: the heatmaps' pointing test per model and text layer, over seeds."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["stage"], row["rule"], row["layer"]), []).append(row)
+    lines = [
+        "| maps of | rule | text layer | valid acc. | target: hit rate, mean (min–max) | random patch | area share "
+        "| wrong candidates: at the named place / on own shapes / elsewhere |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (stage, rule, layer), group in groups.items():
+        hits = [row["hit_rate"] for row in group]
+
+        def mean(key: str, group: list[dict[str, Any]] = group) -> float:
+            return sum(row[key] for row in group) / len(group)
+
+        def share(key: str, group: list[dict[str, Any]] = group) -> float:
+            return sum(row["distractors"][key] for row in group) / len(group)
+
+        lines.append(
+            f"| {stage} | {rule} | {layer} | {mean('acc'):.3f} "
+            f"| **{mean('hit_rate'):.3f}** ({min(hits):.3f}–{max(hits):.3f}) "
+            f"| {mean('cell_chance'):.3f} | {mean('area_share'):.3f} "
+            f"| {share('named_place'):.3f} / {share('own_shapes'):.3f} / {share('elsewhere'):.3f} |"
+        )
+    machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
+    seeds = sorted({row["seed"] for row in rows})
+    first = rows[0]
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))} of the main job (600 steps), means over seeds; its validation split "
+        f"({first['descriptions']} descriptions; {first['distractors']['pairs']} wrong candidates per seed whose "
+        "shapes lie on other patches than the target's). Hit: the patch holding the target map's maximum overlaps a "
+        "shape the description names. Random patch: the share of patches overlapping those shapes (the fair chance "
+        "level); area share: the share of the image they cover. finetune: the trained 2a model; zeroshot: its "
+        "towers scored by the ITM head, which 2a never trains; untrained: the same model at its random "
+        "initialisation. Rules: gradcam, attention × positive gradient; gradient, the positive gradient alone. "
+        f"Report time: {sum(row['report_s'] for row in rows) / len(rows):.0f} s on average (every "
+        "set's heatmaps and the page). Made by `python scripts/pointing_seeds.py --seeds=0,1,2 --layers=0,1 "
+        f"--rules=gradcam,gradient --zero_shot --untrained`; each report by `{first['command']}` (its stage, layer "
+        f"and rule). {'; '.join(machines)}.",
+    ]
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     data: str
@@ -166,6 +211,7 @@ TABLES = {
     "benchmarks_cpu_passes": Table("docs/benchmarks/passes_base_cpu.jsonl", _passes),
     "fit": Table("docs/fit/fit.jsonl", fit.markdown),
     "storage_faults": Table("docs/reliability/storage_faults.jsonl", _storage_faults),
+    "pointing": Table("docs/report/pointing.jsonl", _pointing),
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 

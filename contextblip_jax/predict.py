@@ -10,8 +10,12 @@ DIR holds the candidates as ImageCoDe stores them (`imgX.jpg`, ordered by X); a 
 and tokenised (`max_text_length`, `vocab`, `first_token`) as the run's own texts were; without it the text is used
 as given, with the bundled vocabulary, `[ENC]` first and up to 64 tokens.
 
-Imports: `cli`, `checkpoints`, `data`, `evaluation`, `runconfig`, `stages`; a command (it defines flags), so no
-module imports it.
+`--explain=OUT.png` (one `--text`) also writes the ranked candidates, best first, each with its heatmap: what the
+matching pass looked at, the gradient-weighted cross-attention at text layer `--heatmap_layer`
+(`evaluation/explain.py`).
+
+Imports: `cli`, `checkpoints`, `data`, `evaluation`, `models`, `runconfig`, `stages`; a command (it defines flags),
+so no module imports it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from ml_collections import config_flags
 from contextblip_jax import cli, runconfig, stages
 from contextblip_jax.checkpoints import weights
 from contextblip_jax.data import imagecode
-from contextblip_jax.data.preprocess import BlipTokenizer, load_image
-from contextblip_jax.data.text_cleaning import clean
+from contextblip_jax.data.preprocess import load_image
+from contextblip_jax.evaluation import explain
 from contextblip_jax.evaluation.scorer import ranking, set_scores
+from contextblip_jax.models import gradcam
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (model_config.json + checkpoints).")
 _TEXT = flags.DEFINE_multi_string("text", None, "A description; repeat for several, which share the image work.")
@@ -45,6 +50,9 @@ _MAX_LENGTH = flags.DEFINE_integer(
     "Tokens of the description (default: the config's data.max_text_length, else 64; fewer if the model has fewer "
     "positions).",
 )
+_EXPLAIN = flags.DEFINE_string("explain", None, "Write the ranked candidates with their heatmaps to this PNG.")
+_LAYER = flags.DEFINE_integer("heatmap_layer", 0, "Text layer the heatmaps weight (0 first, -1 last).")
+_RULE = flags.DEFINE_enum("heatmap_rule", "gradcam", list(gradcam.RULES), "The heatmap (evaluate's --heatmap_rule).")
 
 
 def main(argv: list[str]) -> None:
@@ -65,12 +73,17 @@ def main(argv: list[str]) -> None:
     data = None
     if _CONFIG.value:
         data = runconfig.data_config(runconfig.prepare(_CONFIG.value, data=False, weights=False), train=False)
-    default_length = data.max_text_length if data else 64
-    length = _MAX_LENGTH.value or min(default_length, config.blip.text.max_positions)
-    texts = [clean(text, data.pre_caption_words, data.pre_caption_rules) if data else text for text in _TEXT.value]
-    ids, mask = BlipTokenizer(data.vocab if data else None)(texts, length, data.first_token if data else "enc")
+    if _EXPLAIN.value and len(_TEXT.value) != 1:
+        raise app.UsageError("--explain draws one description: give exactly one --text")
+    texts = explain.Texts(data)
+    length = _MAX_LENGTH.value or min(texts.max_length, config.blip.text.max_positions)
+    ids, mask = texts(_TEXT.value, length)
     is_video = not imagecode.is_static(os.path.basename(os.path.normpath(_IMAGES.value)))
     scores = set_scores(model, _STAGE.value, images, ids, mask, is_video)
+    if _EXPLAIN.value:
+        paths = [os.path.join(_IMAGES.value, n) for n in names]
+        found = explain.set_heatmaps(model, _STAGE.value, paths, (ids, mask), size, _LAYER.value, _RULE.value)
+        explain.ranked_grid(_EXPLAIN.value, _TEXT.value[0], paths, scores[0], found.maps[0], names)
     results = [
         {"text": text, "stage": _STAGE.value, "ranking": ranking(row, names)}
         for text, row in zip(_TEXT.value, scores, strict=True)

@@ -36,6 +36,9 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 trains with dropout on (`nnx.Rngs` from `key`; its rates: `contextblip.set_dropout`, `ContextConfig.dropout`)."""
 ScoreFn = Callable[..., jax.Array]
 """`score(model, batch, rngs=None) -> [B, candidates]`; the prediction is the argmax; `rngs` enables dropout."""
+MatchFn = Callable[[ContextBLIP, jax.Array], jax.Array]
+"""`match(model, first) -> [...]`: one candidate's score from its own ITM first token [..., D] alone, the score a
+heatmap explains (`models/gradcam.py`)."""
 
 IMAGECODE_FIELDS = ("images", "input_ids", "attention_mask", "target", "is_video")
 SET_INDEX = "set_index"
@@ -60,6 +63,9 @@ class Stage:
     epochs: the authors' number of epochs.
     features: its scores can start from cached candidate features (`FEATURES`), its towers being frozen
         (`context.cache_features`, `evaluation/features.py`).
+    match: the per-candidate score of its ITM pass that heatmaps explain (`MatchFn`); None without scores. Stage
+        2b's is 2a's head on its frozen towers: its own score mixes the 10 candidates, so one candidate's
+        gradient would spread over the others' images.
     """
 
     name: str
@@ -71,6 +77,7 @@ class Stage:
     score: ScoreFn | None
     epochs: int
     features: bool = False
+    match: MatchFn | None = None
 
     @property
     def trains(self) -> bool:
@@ -122,6 +129,14 @@ def _context_scores(model: ContextBLIP, batch: Batch, rngs: nnx.Rngs | None = No
     return model.context_logits(*args, rngs=rngs, set_index=batch.get(SET_INDEX))
 
 
+def _head_logits(model: ContextBLIP, first: jax.Array) -> jax.Array:
+    return model.head_logits(first)
+
+
+def _match_probability(model: ContextBLIP, first: jax.Array) -> jax.Array:
+    return model.match_probability(first)
+
+
 def _candidate_loss(score: ScoreFn) -> LossFn:
     """Cross-entropy over each description's candidate scores (dropout on), summed over descriptions; metrics:
     the accuracy of the real descriptions and `filled`, the share of description slots they fill."""
@@ -159,6 +174,7 @@ STAGES: dict[str, Stage] = {
             reduction="mean",
             score=_zero_shot_scores,
             epochs=0,
+            match=_match_probability,
         ),
         Stage(
             name="finetune",
@@ -169,6 +185,7 @@ STAGES: dict[str, Stage] = {
             reduction="sum",
             score=_finetune_scores,
             epochs=40,
+            match=_head_logits,
         ),
         Stage(
             name="context",
@@ -180,6 +197,7 @@ STAGES: dict[str, Stage] = {
             score=_context_scores,
             epochs=20,
             features=True,
+            match=_head_logits,
         ),
     )
 }

@@ -73,26 +73,44 @@ def group(colour: str, shape: str, column: int, count: int) -> Scene:
     return scene([Thing(colour, shape, column, (i + 1) / (count + 1)) for i in range(count)])
 
 
-def render(things: Scene, size: int, background: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
-    """Shapes of radius 0.07·size; each column moved sideways and the whole scene vertically by a pixel or two.
-    Shapes are mirror-symmetric, so a text-aware flip (left ↔ right) stays truthful."""
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
+Box = tuple[float, float, float, float]
+"""(left, top, right, bottom) in pixels of the rendered image."""
+
+
+def place(things: Scene, size: int, rng: np.random.Generator) -> list[tuple[Thing, Box]]:
+    """Where `render` draws each shape: radius 0.07·size, each column moved sideways and the whole scene
+    vertically by a pixel or two (the draws `render` makes, in its order)."""
     radius = 0.07 * size
     jitter = rng.uniform(-0.03, 0.03, size=3) * size
     shift = rng.uniform(-0.02, 0.02) * size
+    placed = []
     for thing in things:
         x = _COLUMN_X[thing.column] * size + jitter[thing.column]
         y = thing.y * size + shift
-        box = (x - radius, y - radius, x + radius, y + radius)
+        placed.append((thing, (x - radius, y - radius, x + radius, y + radius)))
+    return placed
+
+
+def draw(placed: list[tuple[Thing, Box]], size: int, background: tuple[int, int, int]) -> Image.Image:
+    """The placed shapes on a plain background. Shapes are mirror-symmetric, so a text-aware flip (left ↔ right)
+    stays truthful."""
+    image = Image.new("RGB", (size, size), background)
+    canvas = ImageDraw.Draw(image)
+    for thing, box in placed:
         fill = COLOURS[thing.colour]
         if thing.shape == "circle":
-            draw.ellipse(box, fill=fill)
+            canvas.ellipse(box, fill=fill)
         elif thing.shape == "square":
-            draw.rectangle(box, fill=fill)
+            canvas.rectangle(box, fill=fill)
         else:
-            draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=fill)
+            left, top, right, bottom = box
+            canvas.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
     return image
+
+
+def render(things: Scene, size: int, background: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
+    """`things` placed (`place`) and drawn (`draw`)."""
+    return draw(place(things, size, rng), size, background)
 
 
 def count(things: Scene, colour: str, shape: str) -> int:
@@ -280,6 +298,19 @@ def true_queries(kind: str, scenes: list[Scene], index: int) -> list[Query]:
         found += [("before_appears", colour, shape, k) for k in range(1, 5)]
         found += [("disappears", colour, shape, 0), *(("last_with", colour, shape, k) for k in range(1, 5))]
     return [q for q in found if holds(q, scenes, index)]
+
+
+def described(query: Query, things: Scene) -> list[Thing]:
+    """The shapes of a frame that a description names: the whole group; both shapes of a relation; the shapes of
+    a temporal query's colour and kind present in the frame (none when it names a shape that is gone)."""
+    name, *args = query
+    if name == "group":
+        return list(things)
+    if name == "relation":
+        named = {tuple(args[0]), tuple(args[2])}
+        return [t for t in things if (t.colour, t.shape) in named]
+    colour, shape, _ = args
+    return [t for t in things if (t.colour, t.shape) == (colour, shape)]
 
 
 SAMPLERS: dict[str, Callable[[np.random.Generator], list[Scene]]] = {

@@ -46,7 +46,8 @@ SPLITS = ("train", "valid", "test")
 
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
-    """One set's records: its scenes in frame order, frame numbers, and descriptions by target position."""
+    """One set's records: its scenes in frame order, frame numbers, and descriptions (and the queries they word)
+    by target position."""
 
     name: str
     kind: str
@@ -54,6 +55,7 @@ class ImageSet:
     scenes: list[scenes.Scene]
     frames: list[int]
     descriptions: dict[int, str]
+    queries: dict[int, scenes.Query]
 
 
 def parse_kinds(spec: str | Mapping[str, float]) -> dict[str, float]:
@@ -98,8 +100,9 @@ def _frame_numbers(rng: np.random.Generator) -> list[int]:
 
 def _descriptions(
     kind: str, frames: list[scenes.Scene], rng: np.random.Generator, mix: dict[int, float] | None
-) -> dict[int, str]:
-    """1-3 targets (uniformly, or drawn from `mix`), each with a query true of it and of no other frame."""
+) -> dict[int, tuple[scenes.Query, str]]:
+    """1-3 targets (uniformly, or drawn from `mix`), each with a query true of it and of no other frame, and its
+    wording."""
     unique = {}
     for index in range(len(frames)):
         queries = [
@@ -115,7 +118,8 @@ def _descriptions(
     result = {}
     for i in chosen.tolist():
         queries = unique[targets[i]]
-        result[targets[i]] = scenes.text(queries[rng.integers(len(queries))], rng)
+        query = queries[rng.integers(len(queries))]
+        result[targets[i]] = (query, scenes.text(query, rng))
     return result
 
 
@@ -144,16 +148,62 @@ def sample_sets(
             else:
                 name = f"{imagecode.STATIC_MARKER}-{number}_{rng.bytes(8).hex()}"
                 numbers = list(range(scenes.NUM_FRAMES))
-            yield ImageSet(name, kind, split, frames, numbers, _descriptions(kind, frames, rng, mix))
+            described = _descriptions(kind, frames, rng, mix)
+            texts = {target: text for target, (_, text) in described.items()}
+            queries = {target: query for target, (query, _) in described.items()}
+            yield ImageSet(name, kind, split, frames, numbers, texts, queries)
+
+
+def _layout(
+    image_set: ImageSet, size: int, rng: np.random.Generator
+) -> tuple[tuple[int, int, int], list[list[tuple[scenes.Thing, scenes.Box]]]]:
+    """A set's background colour and where each frame's shapes go, drawn from its pixel generator."""
+    background = tuple(int(v) for v in rng.integers(200, 246, size=3))
+    return background, [scenes.place(things, size, rng) for things in image_set.scenes]  # type: ignore[return-value]
 
 
 def _write_set(root: str, image_set: ImageSet, size: int, rng: np.random.Generator) -> None:
     folder = imagecode.set_dir(root, image_set.name)
     os.makedirs(folder)
-    background = tuple(int(v) for v in rng.integers(200, 246, size=3))
-    for things, frame in zip(image_set.scenes, image_set.frames, strict=True):
-        image = scenes.render(things, size, background, rng)
+    background, frames = _layout(image_set, size, rng)
+    for placed, frame in zip(frames, image_set.frames, strict=True):
+        image = scenes.draw(placed, size, background)
         image.save(os.path.join(folder, f"img{frame}.jpg"), quality=95, subsampling=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneBoxes:
+    """Where a generated folder's shapes are, as fractions of the image side: `described[(set name, target)]` the
+    boxes of the shapes each description names on its target (`scenes.described`; empty when it names none in
+    view), `frames[set name][k]` every shape's box on candidate k."""
+
+    described: dict[tuple[str, int], list[scenes.Box]]
+    frames: dict[str, list[list[scenes.Box]]]
+
+
+def scene_boxes(root: str) -> SceneBoxes | None:
+    """The boxes of a folder `ensure` wrote, replayed from its manifest's arguments (the generator draws the same
+    records and placements again, rendering nothing); None for any other folder: its records are unknown."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        found = json.load(f)
+    if found.get("version") != VERSION or found.get("generator") != __name__:
+        return None
+    arguments = {name: found[name] for name in ("seed", "num_train_sets", "num_valid_sets", "num_test_sets")}
+    size = int(found["image_size"])
+    result = SceneBoxes({}, {})
+    sets = sample_sets(kinds=found["kinds"], descriptions_mix=found.get("descriptions_mix", ""), **arguments)
+    for number, image_set in enumerate(sets, start=1):
+        _, frames = _layout(image_set, size, np.random.default_rng([found["seed"], number, 1]))
+        result.frames[image_set.name] = [[tuple(v / size for v in box) for _, box in placed] for placed in frames]
+        for target, query in image_set.queries.items():
+            named = set(scenes.described(query, image_set.scenes[target]))
+            result.described[image_set.name, target] = [
+                tuple(v / size for v in box) for thing, box in frames[target] if thing in named
+            ]
+    return result  # type: ignore[return-value]
 
 
 def _clear(root: str, overwrite: bool) -> None:

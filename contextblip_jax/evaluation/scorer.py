@@ -29,11 +29,13 @@ from contextblip_jax.training.step import make_predict_step, split_model
 
 @dataclasses.dataclass
 class Scorer:
-    """A model ready to score on the config's mesh: `predict(batch) -> [B, candidates]`, and its step."""
+    """A model ready to score on the config's mesh: `predict(batch) -> [B, candidates]`, its step, and the model
+    itself (for heatmaps, `evaluation/explain.py`)."""
 
     mesh: jax.sharding.Mesh
     predict: Callable[[Mapping[str, jax.Array]], jax.Array]
     step: int
+    model: ContextBLIP
 
 
 def scorer(config: ml_collections.ConfigDict, workdir: str, choice: str = "best") -> Scorer:
@@ -51,7 +53,7 @@ def scorer(config: ml_collections.ConfigDict, workdir: str, choice: str = "best"
         logging.info("no checkpoint in %s; scoring %s", workdir, origin)
     spec, trainable, frozen = split_model(model, stage.trainable_filter(config.trainable))
     predict = jax.jit(make_predict_step(spec, stage))
-    return Scorer(mesh, lambda batch: predict(trainable, frozen, batch), step)
+    return Scorer(mesh, lambda batch: predict(trainable, frozen, batch), step, model)
 
 
 def mmvp_accuracy(config: ml_collections.ConfigDict, scoring: Scorer, root: str) -> dict[str, float]:

@@ -184,15 +184,16 @@ class ContextBLIP(nnx.Module):
         (`TextEncoder`)."""
         return self.blip.multimodal(self.adapted_features(images)[0], input_ids, attention_mask, rngs, image_rows)
 
-    def _candidates(
+    def candidate_match(
         self,
         images: jax.Array,
         input_ids: jax.Array,
         attention_mask: jax.Array,
         rngs: nnx.Rngs | None = None,
         set_index: jax.Array | None = None,
-    ) -> jax.Array:
-        """ITM first tokens for every (description, candidate) [B, C, D].
+    ) -> TextOutput:
+        """The ITM pass of every (description, candidate), one text row per pair: [B · C, T, D] in description
+        order, candidates within.
 
         Without `set_index`, images [B, C, H, W, 3] hold each description's candidates. With it, images
         [S, C, H, W, 3] hold each set once and `set_index` [G, B / G] names the set of each description, counted
@@ -214,8 +215,27 @@ class ContextBLIP(nnx.Module):
                 )
             candidate = jnp.arange(count, dtype=set_index.dtype)
             rows = (set_index[..., None] * count + candidate).reshape(groups, per_group * count)
-        first = self.match(flat, ids, mask, rngs, image_rows=rows).last_hidden_state[:, 0]
-        return first.reshape(input_ids.shape[0], count, -1)
+        return self.match(flat, ids, mask, rngs, image_rows=rows)
+
+    def _candidates(
+        self,
+        images: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        set_index: jax.Array | None = None,
+    ) -> jax.Array:
+        """ITM first tokens for every (description, candidate) [B, C, D] (`candidate_match`)."""
+        first = self.candidate_match(images, input_ids, attention_mask, rngs, set_index).last_hidden_state[:, 0]
+        return first.reshape(input_ids.shape[0], images.shape[1], -1)
+
+    def match_probability(self, first: jax.Array) -> jax.Array:
+        """The ITM head's match probability of ITM first tokens [..., D] -> [...] (the zero-shot score)."""
+        return jax.nn.softmax(self.blip.itm_head(first).astype(jnp.float32), axis=-1)[..., 1]
+
+    def head_logits(self, first: jax.Array) -> jax.Array:
+        """The scoring head on L2-normalised ITM first tokens [..., D] -> [...] (stage 2a's score)."""
+        return self.head(l2_normalize(first))
 
     # -- one method per stage --------------------------------------------------------------------------------
 
@@ -224,8 +244,7 @@ class ContextBLIP(nnx.Module):
     ) -> jax.Array:
         """ITM match probability of every candidate [B, C]; the prediction is its argmax. `set_index`: images are
         given once per set (`_candidates`)."""
-        first = self._candidates(images, input_ids, attention_mask, set_index=set_index)
-        return jax.nn.softmax(self.blip.itm_head(first).astype(jnp.float32), axis=-1)[..., 1]
+        return self.match_probability(self._candidates(images, input_ids, attention_mask, set_index=set_index))
 
     def finetune_logits(
         self,
@@ -237,8 +256,7 @@ class ContextBLIP(nnx.Module):
     ) -> jax.Array:
         """Stage 2a: scoring head on the L2-normalised ITM first token, [B, C] logits. `rngs`: dropout.
         `set_index`: images are given once per set (`_candidates`)."""
-        first = self._candidates(images, input_ids, attention_mask, rngs, set_index)
-        return self.head(l2_normalize(first))
+        return self.head_logits(self._candidates(images, input_ids, attention_mask, rngs, set_index))
 
     def context_logits(
         self,

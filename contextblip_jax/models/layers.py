@@ -245,11 +245,17 @@ def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return picked.reshape(groups * rows.shape[1], *x.shape[1:])
 
 
+class AttentionProbe(nnx.Variable):
+    """Zeros added to one attention's probabilities, so that a score's gradient with respect to those
+    probabilities is this variable's gradient (`models/gradcam.py` sets it for one call and removes it)."""
+
+
 class MultiHeadAttention(nnx.Module):
     """Scaled dot-product attention with separate q/k/v projections and an output projection.
 
     Keys and values may come from another sequence of a different width (cross-attention to image tokens).
-    The probabilities can be returned: TMIM chooses its mask from the cross-attention maps.
+    The probabilities can be returned: TMIM chooses its mask from the cross-attention maps. `probe` (None
+    unless a heatmap is being computed) is an `AttentionProbe` the shape of the probabilities, added to them.
     """
 
     def __init__(
@@ -273,6 +279,7 @@ class MultiHeadAttention(nnx.Module):
         self.out = Dense(heads, (width,), ("heads", "kv", "embed"), dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
         self.implementation = "einsum"  # see ATTENTION_IMPLEMENTATIONS; set on a built model (`set_attention`)
+        self.probe: AttentionProbe | None = nnx.data(None)
 
     def project(self, x: jax.Array, context: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values [B, S, heads, head_dim]. In self-attention the three projections run as one
@@ -320,6 +327,8 @@ class MultiHeadAttention(nnx.Module):
             visible = key_mask.astype(bool)[:, None, None, :]
             logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
+        if self.probe is not None:
+            probs = probs + self.probe[...]
         dropped = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
         mixed = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(self.dtype), v)
         return self.out(mixed), probs
