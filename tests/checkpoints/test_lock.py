@@ -242,6 +242,19 @@ def test_a_cloud_storage_workdir_is_a_gcs_kvstore_and_other_urls_are_refused():
         kvstore_spec("gs:///run")
 
 
+def _gated(write, gate: threading.Barrier):
+    """`write` that waits at `gate` the first time it is called."""
+    first = [True]
+
+    def gated(*args, **kwargs):
+        if first[0]:
+            first[0] = False
+            gate.wait(timeout=60)
+        return write(*args, **kwargs)
+
+    return gated
+
+
 def test_on_cloud_storage_a_held_lock_is_refused_and_of_racers_exactly_one_wins(gcs):
     """Through Cloud Storage's preconditions (`ifGenerationMatch`, which the test proxy enforces as Google does)."""
     workdir = gcs.url("run")
@@ -253,6 +266,11 @@ def test_on_cloud_storage_a_held_lock_is_refused_and_of_racers_exactly_one_wins(
 
     racers = [WorkdirLock(gcs.url("raced"), stale_after_s=5, heartbeat_s=1) for _ in range(6)]
     start, won = threading.Barrier(len(racers)), []
+    # every racer reads the lock as absent before any writes it, so that the preconditions, not the reads, decide
+    # (without the gate a fast first writer lets the others find its lock and never try: no precondition fails)
+    gate = threading.Barrier(len(racers))
+    for lock in racers:
+        lock._write = _gated(lock._write, gate)  # type: ignore[method-assign]
 
     def race(lock: WorkdirLock) -> None:
         start.wait()
@@ -264,5 +282,5 @@ def test_on_cloud_storage_a_held_lock_is_refused_and_of_racers_exactly_one_wins(
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(won) == 1 and gcs.counts()["precondition_failed"] >= 1
+    assert len(won) == 1 and gcs.counts()["precondition_failed"] == len(racers) - 1
     won[0].release()
