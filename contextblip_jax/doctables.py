@@ -154,44 +154,49 @@ def _storage_faults(rows: Sequence[dict[str, Any]]) -> str:
 
 def _pointing(rows: Sequence[dict[str, Any]]) -> str:
     """`scripts/pointing_seeds.py`: the heatmaps' pointing test per model and text layer, over seeds."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["stage"], row["rule"], row["layer"]), []).append(row)
+        groups.setdefault((row["kinds"], row["stage"], row["rule"], row["layer"]), []).append(row)
     lines = [
-        "| maps of | rule | text layer | valid acc. | target: hit rate, mean (min–max) | random patch | area share "
+        "| data (scene kinds) | maps of | rule | text layer | valid acc. | target: hit rate, mean (min–max) "
+        "| random patch | area share "
         "| wrong candidates: at the named place / on own shapes / elsewhere |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (stage, rule, layer), group in groups.items():
+    for (kinds, stage, rule, layer), group in groups.items():
         hits = [row["hit_rate"] for row in group]
 
         def mean(key: str, group: list[dict[str, Any]] = group) -> float:
             return sum(row[key] for row in group) / len(group)
 
-        def share(key: str, group: list[dict[str, Any]] = group) -> float:
-            return sum(row["distractors"][key] for row in group) / len(group)
+        def share(key: str, group: list[dict[str, Any]] = group) -> str:
+            counted = [row["distractors"][key] for row in group if row["distractors"]["pairs"]]
+            return f"{sum(counted) / len(counted):.3f}" if counted else "–"
 
         lines.append(
-            f"| {stage} | {rule} | {layer} | {mean('acc'):.3f} "
+            f"| {kinds} | {stage} | {rule} | {layer} | {mean('acc'):.3f} "
             f"| **{mean('hit_rate'):.3f}** ({min(hits):.3f}–{max(hits):.3f}) "
             f"| {mean('cell_chance'):.3f} | {mean('area_share'):.3f} "
-            f"| {share('named_place'):.3f} / {share('own_shapes'):.3f} / {share('elsewhere'):.3f} |"
+            f"| {share('named_place')} / {share('own_shapes')} / {share('elsewhere')} |"
         )
     machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
     seeds = sorted({row["seed"] for row in rows})
     first = rows[0]
     lines += [
         "",
-        f"Seeds {', '.join(map(str, seeds))} of the main job (600 steps), means over seeds; its validation split "
-        f"({first['descriptions']} descriptions; {first['distractors']['pairs']} wrong candidates per seed whose "
-        "shapes lie on other patches than the target's). Hit: the patch holding the target map's maximum overlaps a "
-        "shape the description names. Random patch: the share of patches overlapping those shapes (the fair chance "
-        "level); area share: the share of the image they cover. finetune: the trained 2a model; zeroshot: its "
-        "towers scored by the ITM head, which 2a never trains; untrained: the same model at its random "
+        f"Seeds {', '.join(map(str, seeds))} of the main job (600 steps) on data of the kinds named, means over "
+        f"seeds; their validation split (the main job's: {first['descriptions']} descriptions, "
+        f"{first['distractors']['pairs']} wrong candidates per seed whose shapes lie on other patches than the "
+        "target's; recolour scenes' grey shape is never named, and their wrong candidates show the named shape "
+        "where the target does: –). Hit: the patch holding the target map's maximum "
+        "overlaps a shape the description names. Random patch: the share of patches overlapping those shapes (the "
+        "fair chance level); area share: the share of the image they cover. finetune: the trained 2a model; "
+        "zeroshot: its towers scored by the ITM head, which 2a never trains; untrained: the same model at its random "
         "initialisation. Rules: gradcam, attention × positive gradient; gradient, the positive gradient alone. "
         f"Report time: {sum(row['report_s'] for row in rows) / len(rows):.0f} s on average (every "
         "set's heatmaps and the page). Made by `python scripts/pointing_seeds.py --seeds=0,1,2 --layers=0,1 "
-        f"--rules=gradcam,gradient --zero_shot --untrained`; each report by `{first['command']}` (its stage, layer "
+        "--rules=gradcam,gradient --zero_shot --untrained` (and `--kinds=K` for other data); each report by "
+        f"`{first['command']}` (its stage, layer "
         f"and rule). {'; '.join(machines)}.",
     ]
     return "\n".join(lines)

@@ -39,14 +39,23 @@ def main() -> None:
     parser.add_argument("--zero_shot", action="store_true", help="Also the ITM head's maps (stage zeroshot).")
     parser.add_argument("--untrained", action="store_true", help="Also the randomly initialised model's maps.")
     parser.add_argument("--no_trained", action="store_true", help="Only the controls (the runs already reported).")
+    parser.add_argument(
+        "--kinds", default="", help="The generated data's scene kinds (data.synthetic_kinds); empty: the main job's."
+    )
     parser.add_argument("--workdirs", default=os.path.join(ROOT, "workdirs", "pointing"))
     args = parser.parse_args()
+    kinds = args.kinds or "attributes:0.3,motion:0.7"
+    data = (
+        [f"--config.data.synthetic_kinds={args.kinds}", f"--config.data.root=workdirs/data-{kinds}"]
+        if args.kinds
+        else []
+    )
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     for seed in (int(s) for s in args.seeds.split(",")):
-        workdir = os.path.join(args.workdirs, f"seed{seed}")
+        workdir = os.path.join(args.workdirs, f"{args.kinds}-seed{seed}" if args.kinds else f"seed{seed}")
         if not os.path.exists(os.path.join(workdir, "best.json")):
             train = [sys.executable, "-m", "contextblip_jax.train", "--config=configs/synthetic.py",
-                     f"--workdir={workdir}", f"--config.seed={seed}"]  # fmt: skip
+                     f"--workdir={workdir}", f"--config.seed={seed}", *data]  # fmt: skip
             subprocess.run(train, cwd=ROOT, check=True, capture_output=True)
         models = [] if args.no_trained else [("finetune", "finetune", workdir, ())]
         if args.zero_shot:
@@ -56,8 +65,9 @@ def main() -> None:
         for name, stage, run_dir, extra in models:
             for rule, layer in ((r, int(v)) for r in args.rules.split(",") for v in args.layers.split(",")):
                 out = os.path.join(workdir, f"report-{name}-{rule}-layer{layer}")
-                found = report(run_dir, out, stage, layer, rule, *extra)
+                found = report(run_dir, out, stage, layer, rule, *extra, *data)
                 row = {
+                    "kinds": kinds,
                     "seed": seed,
                     "stage": name,
                     "layer": layer,

@@ -16,6 +16,12 @@ the set, then words it with `text`.
 |              |        |                                                       | the blue circle")                 |
 | `timeline`   | video  | shapes of two kinds appear and disappear, one change  | the moment in time ("just after   |
 |              |        | per frame, no state seen twice                        | the second red square appears")   |
+| `recolour`   | video  | a shape in the middle changes colour now and then (a  | comparing frames: every colour is |
+|              |        | colour comes back); a grey clock shape walks the two  | seen in several frames ("the      |
+|              |        | side columns, so no frame repeats                     | second time the square turns red")|
+| `detail`     | static | one shape each; most share the target's colour and    | a small mark, a thin outline or   |
+|              |        | shape and differ only in a detail a few pixels wide   | stripes ("the red circle with a   |
+|              |        |                                                       | small dot")                       |
 
 Imports: its own package (`data`) only.
 """
@@ -36,13 +42,19 @@ COLOURS = {
     "purple": (135, 55, 175),
     "orange": (240, 135, 30),
 }
+_CLOCK_RGB = (120, 120, 120)
+_MARK_RGB = (25, 25, 25)
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "middle", "right")
 COUNTS = ("one", "two", "three", "four")
 ORDINALS = ("first", "second", "third", "fourth")
 RELATIONS = ("left of", "right of", "above", "below")
-KINDS = ("attributes", "motion", "relation", "timeline")
-VIDEO_KINDS = ("motion", "timeline")
+KINDS = ("attributes", "motion", "relation", "timeline", "recolour", "detail")
+VIDEO_KINDS = ("motion", "timeline", "recolour")
+DETAILS = ("plain", "dot", "outline", "stripes")
+"""What a `detail` shape carries besides its fill: nothing, a dot at its centre, a dark rim, horizontal stripes."""
+CLOCK = "grey"
+"""The colour of `recolour`'s clock shape, which no description names."""
 NUM_FRAMES = 10
 _COLUMN_X = (0.2, 0.5, 0.8)
 _POSITION_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
@@ -52,12 +64,14 @@ _SLOTS = [(column, y) for column in range(3) for y in (0.25, 0.5, 0.75)]
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Thing:
-    """One drawn shape: `column` 0/1/2 is left/middle/right, `y` its centre's height (fraction, 0 = top)."""
+    """One drawn shape: `column` 0/1/2 is left/middle/right, `y` its centre's height (fraction, 0 = top), `detail`
+    one of `DETAILS` or empty (the kinds without details)."""
 
     colour: str
     shape: str
     column: int
     y: float
+    detail: str = ""
 
 
 Scene = tuple[Thing, ...]  # sorted, so that equal scenes compare equal
@@ -97,14 +111,28 @@ def draw(placed: list[tuple[Thing, Box]], size: int, background: tuple[int, int,
     image = Image.new("RGB", (size, size), background)
     canvas = ImageDraw.Draw(image)
     for thing, box in placed:
-        fill = COLOURS[thing.colour]
+        fill = _CLOCK_RGB if thing.colour == CLOCK else COLOURS[thing.colour]
+        outline = _MARK_RGB if thing.detail == "outline" else None
+        width = max(1, round(size / 64))
+        left, top, right, bottom = box
         if thing.shape == "circle":
-            canvas.ellipse(box, fill=fill)
+            canvas.ellipse(box, fill=fill, outline=outline, width=width)
         elif thing.shape == "square":
-            canvas.rectangle(box, fill=fill)
+            canvas.rectangle(box, fill=fill, outline=outline, width=width)
         else:
-            left, top, right, bottom = box
-            canvas.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=fill)
+            corners = [((left + right) / 2, top), (left, bottom), (right, bottom)]
+            canvas.polygon(corners, fill=fill, outline=outline, width=width)
+        centre = (left + right) / 2
+        if thing.detail == "dot":
+            y = (top + 2 * bottom) / 3 if thing.shape == "triangle" else (top + bottom) / 2
+            r = size / 40
+            canvas.ellipse((centre - r, y - r, centre + r, y + r), fill=_MARK_RGB)
+        elif thing.detail == "stripes":
+            half = (right - left) / 2 - width
+            for y in np.arange(top + 2 * width, bottom - width, 3 * width):
+                reach = half * (y - top) / (bottom - top) if thing.shape == "triangle" else half
+                if reach > width:
+                    canvas.line([(centre - reach, y), (centre + reach, y)], fill=(255, 255, 255), width=width)
     return image
 
 
@@ -129,6 +157,12 @@ def holds(query: Query, scenes: list[Scene], index: int) -> bool:
     here = scenes[index]
     if name == "group":  # exactly `count` colour shapes in that column and nothing else
         return here == group(*args)
+    if name == "detail":  # the set's one shape of that colour, kind and detail
+        return len(here) == 1 and (here[0].colour, here[0].shape, here[0].detail) == tuple(args)
+    if name in ("turns", "before_turns"):  # the k-th time the recoloured shape takes that colour (or the frame before)
+        _, colour, k = args
+        onsets = _onsets(_recoloured(scenes), colour)
+        return len(onsets) >= k and onsets[k - 1] == (index if name == "turns" else index + 1)
     if name == "relation":
         (colour_a, shape_a), relation, (colour_b, shape_b) = args
         pairs = ((a, b) for a in here for b in here if a is not b)
@@ -150,9 +184,41 @@ def holds(query: Query, scenes: list[Scene], index: int) -> bool:
     raise ValueError(f"unknown query {name!r}")
 
 
+def _onsets(colours: list[str], colour: str) -> list[int]:
+    """The frames where `recolour`'s shape takes `colour` after showing another (its first frame never counts)."""
+    return [i for i in range(1, len(colours)) if colours[i] == colour and colours[i - 1] != colour]
+
+
+def _recoloured(scenes: list[Scene]) -> list[str]:
+    """The colour of `recolour`'s shape (the one not grey) in each frame."""
+    return [next(t.colour for t in scene if t.colour != CLOCK) for scene in scenes]
+
+
+_DETAIL_TEMPLATES = {
+    "plain": ("the plain {c} {s}", "the {c} {s} without any marks"),
+    "dot": ("the {c} {s} with a small dot", "the {c} {s} with a dot in the middle"),
+    "outline": ("the {c} {s} with a thin dark outline", "the {c} {s} drawn with a thin outline"),
+    "stripes": ("the striped {c} {s}", "the {c} {s} with white stripes"),
+}
+_TURN_TEMPLATES = {
+    ("turns", True): ("just after the {s} turns {c}", "the moment the {s} becomes {c}"),
+    ("turns", False): ("the {o} time the {s} turns {c}", "just after the {s} turns {c} for the {o} time"),
+    ("before_turns", True): ("just before the {s} turns {c}", "the last frame before the {s} becomes {c}"),
+    ("before_turns", False): ("just before the {s} turns {c} for the {o} time",),
+}
+
+
 def text(query: Query, rng: np.random.Generator) -> str:
     """The query in one of a few ordinary wordings."""
     name, *args = query
+    if name == "detail":
+        colour, shape, detail = args
+        templates = _DETAIL_TEMPLATES[detail]
+        return templates[int(rng.integers(len(templates)))].format(c=colour, s=shape)
+    if name in ("turns", "before_turns"):
+        shape, colour, k = args
+        templates = _TURN_TEMPLATES[name, k == 1]
+        return templates[int(rng.integers(len(templates)))].format(s=shape, c=colour, o=ORDINALS[k - 1])
     if name == "group":
         colour, shape, column, n = args
         words = dict(n=COUNTS[n - 1], c=colour, s=shape if n == 1 else shape + "s", be="is" if n == 1 else "are")
@@ -273,6 +339,43 @@ def timeline(rng: np.random.Generator) -> list[Scene]:
             return frames
 
 
+def recolour(rng: np.random.Generator) -> list[Scene]:
+    """A shape in the middle whose colour changes now and then among two or three, one colour taken at least
+    twice; a grey shape of another kind walks down the left column and up the right one, a step per frame."""
+    shape, clock = (SHAPES[i] for i in rng.choice(len(SHAPES), 2, replace=False))
+    palette = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), int(rng.integers(2, 4)), replace=False)]
+    while True:
+        colours = [palette[int(rng.integers(len(palette)))]]
+        for _ in range(NUM_FRAMES - 1):
+            others = [c for c in palette if c != colours[-1]]
+            colours.append(others[int(rng.integers(len(others)))] if rng.random() < 0.45 else colours[-1])
+        if any(len(_onsets(colours, c)) >= 2 for c in palette):
+            break
+    heights = (0.15, 0.325, 0.5, 0.675, 0.85)
+    path = [(0, y) for y in heights] + [(2, y) for y in reversed(heights)]
+    if rng.random() < 0.5:
+        path.reverse()
+    return [scene([Thing(c, shape, 1, 0.5), Thing(CLOCK, clock, *slot)]) for c, slot in zip(colours, path, strict=True)]
+
+
+def detail(rng: np.random.Generator) -> list[Scene]:
+    """One shape per image, six of the target's colour and kind with their details and places drawn at random, two
+    of another colour and two of another kind: only a detail a few pixels wide tells the first six apart."""
+    (colour, shape), (other_colour, other_shape) = _types(rng, 2)
+    other_shape = next(s for s in SHAPES if s != shape) if other_shape == shape else other_shape
+    other_colour = next(c for c in COLOURS if c != colour) if other_colour == colour else other_colour
+    looks = [(colour, shape)] * 6 + [(other_colour, shape)] * 2 + [(colour, other_shape)] * 2
+    scenes: list[Scene] = []
+    for c, s in looks:
+        while True:
+            candidate = scene([Thing(c, s, int(rng.integers(3)), 0.5, DETAILS[int(rng.integers(len(DETAILS)))])])
+            if candidate not in scenes:
+                scenes.append(candidate)
+                break
+    rng.shuffle(scenes)
+    return scenes
+
+
 def _state_scene(state: dict[tuple[int, float], tuple[str, str]]) -> Scene:
     return scene([Thing(colour, shape, column, y) for (column, y), (colour, shape) in state.items()])
 
@@ -291,6 +394,16 @@ def true_queries(kind: str, scenes: list[Scene], index: int) -> list[Query]:
             for r in RELATIONS
             if a is not b and _related(a, r, b)
         ]
+    if kind == "detail":
+        return [("detail", t.colour, t.shape, t.detail) for t in here]
+    if kind == "recolour":
+        shape = next(t.shape for t in here if t.colour != CLOCK)
+        palette = sorted({t.colour for s in scenes for t in s if t.colour != CLOCK})
+        queries = [(name, shape, c, k) for name in ("turns", "before_turns") for c in palette for k in range(1, 5)]
+        colours = _recoloured(scenes)
+        if colours.count(colours[index]) < 2:  # a colour seen once would single the frame out without its context
+            return []
+        return [q for q in queries if holds(q, scenes, index)]
     types = sorted({(t.colour, t.shape) for s in scenes for t in s})
     found = []
     for colour, shape in types:
@@ -306,6 +419,10 @@ def described(query: Query, things: Scene) -> list[Thing]:
     name, *args = query
     if name == "group":
         return list(things)
+    if name == "detail":
+        return list(things)
+    if name in ("turns", "before_turns"):
+        return [t for t in things if t.colour != CLOCK]
     if name == "relation":
         named = {tuple(args[0]), tuple(args[2])}
         return [t for t in things if (t.colour, t.shape) in named]
@@ -318,4 +435,6 @@ SAMPLERS: dict[str, Callable[[np.random.Generator], list[Scene]]] = {
     "motion": motion,
     "relation": relation,
     "timeline": timeline,
+    "recolour": recolour,
+    "detail": detail,
 }

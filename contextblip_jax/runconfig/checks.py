@@ -32,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BEST_MODES = ("max", "min")
 CHECKPOINT_CHOICES = ("best", "latest")
 """Which checkpoint of a workdir a reader takes: `best`, `latest`, or a step number given as digits."""
-RUN_ONLY_KEYS = ("synthetic", "synthetic_seed")
+RUN_ONLY_KEYS = ("synthetic", "synthetic_seed", "synthetic_kinds")
 """`config.data` keys that are not `DataConfig` fields: they steer the run (data generation), not the pipeline."""
 
 
@@ -163,6 +163,10 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"loss.{key} {loss[key]} must not be negative (0: off)")
     if config.data.synthetic < 0:
         raise ValueError(f"data.synthetic {config.data.synthetic} must be 0 (a folder) or the sets to generate")
+    if config.data.synthetic_kinds:
+        from contextblip_jax.data import synthetic
+
+        synthetic.parse_kinds(config.data.synthetic_kinds)
 
 
 def _check_paths(config: ml_collections.ConfigDict, stage: stages.Stage, data: bool, weights: bool) -> None:

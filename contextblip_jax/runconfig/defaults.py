@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dataclass_section(DataConfig())  # DataConfig fields (data/pipeline.py), augment: AugmentConfig
     c.data.synthetic = 0  # main job: generate this many training sets (and a fifth as many valid/test) under data.root
     c.data.synthetic_seed = 0  # the generator's seed (data.seed drives shuffling and augmentation only)
+    c.data.synthetic_kinds = ""  # its scene kinds and shares ("motion:1,recolour:1"); empty: attributes:0.3,motion:0.7
     c.context = ml_collections.ConfigDict(
         dict(
             # stage 2b trains on its frozen towers' vectors computed once and kept in W/features/ (rebuilt when

@@ -98,6 +98,7 @@ def ensure_synthetic_data(config: ml_collections.ConfigDict) -> None:
             num_train_sets=sets,
             num_valid_sets=max(sets // 5, 1),
             num_test_sets=max(sets // 5, 1),
+            kinds=config.data.synthetic_kinds,
         )
         if generated or not os.path.exists(os.path.join(root, SYNTHETIC_CAPTIONS)):
             captions = [

@@ -188,7 +188,7 @@ def frames_described(description: str, scenes: list) -> set[int]:
 
 def test_every_kind_singles_out_its_target_on_the_records():
     sets = list(synthetic.sample_sets(seed=2, num_train_sets=120, num_valid_sets=0, num_test_sets=0, kinds=ALL_KINDS))
-    assert {s.kind for s in sets} == set(synthetic.KINDS)
+    assert {s.kind for s in sets} == set(synthetic.parse_kinds(ALL_KINDS))
     for image_set in sets:
         assert len(set(image_set.scenes)) == 10 and 1 <= len(image_set.descriptions) <= 3
         for target, description in image_set.descriptions.items():
@@ -283,3 +283,93 @@ def test_descriptions_mix_is_checked():
     for wrong in ("4:1", "1:-1,2:2", "1:0"):
         with pytest.raises(ValueError, match="descriptions mix"):
             synthetic.parse_mix(wrong)
+
+
+NEW_KINDS = "recolour:1,detail:1"
+_DETAILS = [
+    (re.compile(r"^the plain (\w+) (\w+)$|^the (\w+) (\w+) without any marks$"), "plain"),
+    (re.compile(r"^the (\w+) (\w+) with a (?:small dot|dot in the middle)$"), "dot"),
+    (re.compile(r"^the (\w+) (\w+) (?:with a thin dark outline|drawn with a thin outline)$"), "outline"),
+    (re.compile(r"^the striped (\w+) (\w+)$|^the (\w+) (\w+) with white stripes$"), "stripes"),
+]
+_TURNS = [  # (pattern, frame offset: 0 the change itself, -1 the frame before); groups: shape, colour[, ordinal]
+    (re.compile(r"^just after the (\w+) turns (\w+)$|^the moment the (\w+) becomes (\w+)$"), 0),
+    (re.compile(r"^just after the (\w+) turns (\w+) for the (\w+) time$"), 0),
+    (re.compile(r"^just before the (\w+) turns (\w+)$|^the last frame before the (\w+) becomes (\w+)$"), -1),
+    (re.compile(r"^just before the (\w+) turns (\w+) for the (\w+) time$"), -1),
+]
+_NTH_TIME = re.compile(r"^the (\w+) time the (\w+) turns (\w+)$")
+
+
+def new_frames_described(description: str, scenes: list) -> set[int]:
+    """The frames a `detail` or `recolour` description is true of, from the records and the words alone."""
+    for pattern, detail in _DETAILS:
+        if match := pattern.match(description):
+            colour, shape = [g for g in match.groups() if g]
+            return {
+                i
+                for i, s in enumerate(scenes)
+                if [(t.colour, t.shape, t.detail) for t in s] == [(colour, shape, detail)]
+            }
+    if match := _NTH_TIME.match(description):
+        ordinal, shape, colour = match.groups()
+        found = (shape, colour, _ORDINALS.index(ordinal) + 1, 0)
+    else:
+        for pattern, offset in _TURNS:
+            if match := pattern.match(description):
+                shape, colour, *ordinal = [g for g in match.groups() if g]
+                found = (shape, colour, _ORDINALS.index(ordinal[0]) + 1 if ordinal else 1, offset)
+                break
+        else:
+            raise AssertionError(f"unparsed: {description}")
+    shape, colour, k, offset = found
+    moving = [[t for t in s if t.colour != "grey"] for s in scenes]
+    assert all(len(m) == 1 and m[0].shape == shape for m in moving)
+    colours = [m[0].colour for m in moving]
+    changes = [i for i in range(1, len(colours)) if colours[i] == colour and colours[i - 1] != colour]
+    return {changes[k - 1] + offset} if len(changes) >= k else set()
+
+
+def test_the_new_kinds_single_out_their_target_on_the_records():
+    sets = list(synthetic.sample_sets(seed=7, num_train_sets=150, num_valid_sets=0, num_test_sets=0, kinds=NEW_KINDS))
+    assert {s.kind for s in sets} == {"recolour", "detail"}
+    wordings = set()
+    for image_set in sets:
+        assert len(set(image_set.scenes)) == 10 and 1 <= len(image_set.descriptions) <= 3
+        for target, description in image_set.descriptions.items():
+            assert new_frames_described(description, image_set.scenes) == {target}, (image_set, description)
+            wordings.add(re.sub(r"\b(red|green|blue|yellow|purple|orange|circle|square|triangle)\b", "X", description))
+        if image_set.kind == "recolour":  # each target looks like another frame: only its neighbours tell it apart
+            colours = [next(t.colour for t in s if t.colour != "grey") for s in image_set.scenes]
+            assert all(colours.count(colours[target]) >= 2 for target in image_set.descriptions)
+        else:  # most candidates share the target's colour and kind: only the detail tells them apart
+            looks = [(s[0].colour, s[0].shape) for s in image_set.scenes]
+            assert max(looks.count(look) for look in looks) == 6
+    assert any("second time" in w for w in wordings) and len(wordings) >= 12
+
+
+def test_details_are_drawn_where_the_records_say(tmp_path):
+    root = str(tmp_path)
+    synthetic.generate(root, seed=7, num_train_sets=12, num_valid_sets=0, num_test_sets=0, kinds="detail:1")
+    records = {s.name: s for s in synthetic.sample_sets(7, 12, 0, 0, "detail:1")}
+    for example in imagecode.read_split(root, "train"):
+        for path, scene in zip(example.image_paths, records[example.set_name].scenes, strict=True):
+            (thing,) = scene
+            pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.int32)
+            x = round((0.2, 0.5, 0.8)[thing.column] * 64)
+            strip = pixels[24:41, max(x - 6, 0) : x + 7]  # the shape and a little around it
+            dark = (strip.max(-1) < 70).sum()
+            white = (strip.min(-1) > 248).sum()  # brighter than any background (channels up to 245)
+            assert (dark > 3) == (thing.detail in ("dot", "outline")), (path, thing)
+            assert (white > 1) == (thing.detail == "stripes"), (path, thing)
+
+
+def test_the_main_job_generates_the_kinds_its_config_names(tmp_path):
+    from contextblip_jax.training import inputs
+    from tests.runs import run_config
+
+    inputs.ensure_synthetic_data(run_config(str(tmp_path), data__synthetic_kinds="recolour:1,detail:3"))
+    with open(tmp_path / synthetic.MANIFEST) as f:
+        assert json.load(f)["kinds"] == {"recolour": 0.25, "detail": 0.75}
+    names = {e.set_name for e in imagecode.read_split(str(tmp_path), "train")}
+    assert any(imagecode.is_static(n) for n in names) and not all(imagecode.is_static(n) for n in names)

@@ -60,6 +60,7 @@ BAD = {
     "eval.set_slots": (-1, "eval.set_slots -1"),
     "data.root": ("/nowhere/imagecode", "data root /nowhere/imagecode does not exist"),
     "data.synthetic": (-1, "data.synthetic -1"),
+    "data.synthetic_kinds": ("shapes:1", "kinds 'shapes:1'"),
     "data.batch_size": (0, "data.batch_size must be positive"),
     "data.image_size": (0, "data.image_size must be positive"),
     "data.max_text_length": (0, "data.max_text_length must be positive"),
