@@ -202,6 +202,103 @@ def _pointing(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _spread(values: Sequence[float]) -> str:
+    return f"{sum(values) / len(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def _by_cell(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault(row["cell"], []).append(row)
+    return cells
+
+
+def _figure(row: dict[str, Any], measure: str) -> float:
+    return row[measure] if measure in ("acc", "acc_video", "acc_static") else row["acc_by_kind"][measure]
+
+
+def _ablations(rows: Sequence[dict[str, Any]]) -> str:
+    """`scripts/ablations.py`: validation accuracy per cell of the grid, mean (min–max) over seeds."""
+    kinds = [kind.split(":")[0] for kind in rows[0]["kinds"].split(",")]
+    lines = [
+        f"| cell | seeds | overall | video | static | {' | '.join(kinds)} |",
+        "|---|---|---|---|---|" + "---|" * len(kinds),
+    ]
+    for cell, group in _by_cell(rows).items():
+        figures = [_spread([_figure(row, m) for row in group]) for m in ("acc", "acc_video", "acc_static", *kinds)]
+        lines.append(f"| {cell} | {len(group)} | {' | '.join(figures)} |")
+    first = rows[0]
+    steps = first["steps"]
+    machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
+    lines += [
+        "",
+        f"Validation accuracy at the last step (no checkpoint chosen), mean (min–max) over seeds; "
+        f"{first['descriptions']} descriptions of the generated mix `{first['kinds']}` (chance 0.10). Steps: stage 1 "
+        f"{steps['pretrain']}, 2a {steps['finetune']}, 2b {steps['context']} (batch 16; the follow-up's 2b: 4× "
+        f"as many). Made by `python scripts/ablations.py --seeds=0,1,2` (and `--follow_up`). {'; '.join(machines)}.",
+    ]
+    return "\n".join(lines)
+
+
+ABLATION_CLAIMS = (
+    ("the inter-context encoder helps on video", "2a → 2b", "2a", "recolour"),
+    ("the inter-context encoder helps on video", "2a → 2b", "2a", "acc_video"),
+    ("the inter-context encoder, after the whole recipe", "1 → 2a → 2b", "1 → 2a", "recolour"),
+    ("the inter-context encoder, 4× the steps (follow-up)", "2a → 2b, 4× the steps (follow-up)", "2a", "recolour"),
+    ("the adapter helps fine-grained matching", "2a", "2a, no adapter", "detail"),
+    ("the adapter helps fine-grained matching", "2a", "2a, no adapter", "acc"),
+    ("stage 1 helps", "1 → 2a", "2a", "acc"),
+    ("TMIM helps fine-grained matching", "1 → 2a", "1 no TMIM → 2a", "detail"),
+    ("TMIM helps fine-grained matching", "1 → 2a", "1 no TMIM → 2a", "acc"),
+)
+"""The paper's claims as paired comparisons of the grid: (claim, cell with the part, cell without, measure)."""
+
+
+def _ablation_claims(rows: Sequence[dict[str, Any]]) -> str:
+    """Each claim's cells compared seed by seed (the same seed's runs differ in the part alone)."""
+    cells = {cell: {row["seed"]: row for row in group} for cell, group in _by_cell(rows).items()}
+    lines = [
+        "| claim of the paper | with | without | measure | with − without, per seed | mean | seeds up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for claim, with_part, without, measure in ABLATION_CLAIMS:
+        seeds = sorted(set(cells[with_part]) & set(cells[without]))
+        gains = [_figure(cells[with_part][s], measure) - _figure(cells[without][s], measure) for s in seeds]
+        per_seed = " / ".join(f"{g:+.3f}" for g in gains)
+        up = sum(g > 0 for g in gains)
+        name = {"acc": "overall", "acc_video": "video", "acc_static": "static"}.get(measure, measure)
+        mean = sum(gains) / len(gains)
+        lines.append(
+            f"| {claim} | {with_part} | {without} | {name} | {per_seed} | {mean:+.3f} | {up} of {len(gains)} |"
+        )
+    return "\n".join(lines)
+
+
+def _ablation_runs(rows: Sequence[dict[str, Any]]) -> str:
+    """`scripts/ablations.py`'s training runs: wall time per stage, for the grid and for the follow-up."""
+    groups: dict[tuple[bool, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["follow_up"], row["stage"]), []).append(row["wall_s"])
+    lines = [
+        "| part | stage | runs | steps | wall per run, mean (min–max) | wall, all runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (follow_up, stage), walls in groups.items():
+        steps = sorted({row["steps"] for row in rows if row["stage"] == stage and row["follow_up"] == follow_up})
+        lines.append(
+            f"| {'follow-up' if follow_up else 'grid'} | {stage} | {len(walls)} | {', '.join(map(str, steps))} "
+            f"| {sum(walls) / len(walls):.0f} s ({min(walls):.0f}–{max(walls):.0f}) | {sum(walls) / 60:.1f} min |"
+        )
+    grid = [row["wall_s"] for row in rows if not row["follow_up"]]
+    machines = sorted({f"{row['machine']}, {row['date']}" for row in rows})
+    lines += [
+        "",
+        f"The grid's {len(grid)} training runs: {sum(grid) / 60:.1f} min, each a whole `train` command (the data's "
+        f"generation in the first); its scoring adds an `evaluate` command per cell and seed. {'; '.join(machines)}.",
+    ]
+    return "\n".join(lines)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
     data: str
@@ -217,6 +314,9 @@ TABLES = {
     "fit": Table("docs/fit/fit.jsonl", fit.markdown),
     "storage_faults": Table("docs/reliability/storage_faults.jsonl", _storage_faults),
     "pointing": Table("docs/report/pointing.jsonl", _pointing),
+    "ablations": Table("docs/ablations/cells.jsonl", _ablations),
+    "ablation_claims": Table("docs/ablations/cells.jsonl", _ablation_claims),
+    "ablation_runs": Table("docs/ablations/runs.jsonl", _ablation_runs),
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 

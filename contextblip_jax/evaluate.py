@@ -5,9 +5,10 @@ Scores every description of a split against its 10 candidates with the run's bes
 named by `config.init`) and prints accuracy overall / video / static as JSON, with the work it took: `sets`,
 `images_encoded` (the real images encoded: 10 per set slot filled with `eval.group_by_set`, which is 10 per set
 unless a set has more descriptions than a shard's slots; 10 per description without; padding slots are not
-counted), and the scoring pass's `seconds` and `descriptions_per_s`. On the test split it writes the
-leaderboard file `W/test_predictions.json`: `{set_name: [index, ...]}` in file order. `--split=mmvp
---mmvp_root=PATH` prints MMVP-VLM pair accuracy per category, overall and the category mean.
+counted), and the scoring pass's `seconds` and `descriptions_per_s`; on generated data (the main job's folder)
+also `acc_by_kind`, the accuracy per scene kind. On the test split it writes the leaderboard file
+`W/test_predictions.json`: `{set_name: [index, ...]}` in file order. `--split=mmvp --mmvp_root=PATH` prints
+MMVP-VLM pair accuracy per category, overall and the category mean.
 
 `--report=DIR` (a labelled split) also writes a static report into the local folder DIR (`evaluation/report.py`:
 `index.html` with accuracy breakdowns, the `--report_hardest` hardest descriptions and `--report_correct` correct
@@ -33,7 +34,7 @@ from contextblip_jax.data import synthetic
 from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
 from contextblip_jax.evaluation.report import write_report
 from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
-from contextblip_jax.evaluation.scoring import LEADERBOARD_FILE, accuracy, leaderboard
+from contextblip_jax.evaluation.scoring import LEADERBOARD_FILE, accuracy, accuracy_by, leaderboard
 from contextblip_jax.models import gradcam
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/synthetic.py:stage=finetune.")
@@ -86,6 +87,9 @@ def main(argv: list[str]) -> None:
         "descriptions_per_s": round(scored["example_id"].size / seconds, 3),
     }
     result: dict[str, Any] = {"split": _SPLIT.value, "step": scoring.step, **accuracy(scored), **work}
+    kinds = synthetic.set_kinds(data.root) if data.source == "folder" and _SPLIT.value != "test" else None
+    if kinds is not None:
+        result["acc_by_kind"] = accuracy_by(scored, evaluator.source.examples, kinds)
     if _REPORT.value and jax.process_index() == 0:
         if getattr(evaluator.source, "examples", None) is None:
             raise app.UsageError("--report reads an ImageCoDe folder (data.source=folder), not array_record files")

@@ -19,6 +19,7 @@ import pytest
 
 from contextblip_jax import runconfig, train
 from contextblip_jax.checkpoints import weights
+from contextblip_jax.data import synthetic
 from contextblip_jax.evaluation.evaluators import ImageCodeEvaluator
 from contextblip_jax.evaluation.scorer import mmvp_accuracy, scorer
 from contextblip_jax.training.telemetry import read_metrics
@@ -148,6 +149,9 @@ def test_evaluate_command_prints_accuracy_and_writes_the_leaderboard(trained, da
     assert metrics["step"] == 2 and metrics["split"] == "valid" and 0 <= metrics["acc"] <= 1
     logged = [r for r in read_metrics(trained) if r["split"] == "valid"][-1]
     assert metrics["acc"] == logged["acc"]  # the command scores what the trainer scored at its last step
+    by_kind = metrics["acc_by_kind"]  # generated data: the accuracy of each scene kind the split holds
+    assert set(by_kind) <= set(synthetic.KINDS) and by_kind
+    assert min(by_kind.values()) <= metrics["acc"] <= max(by_kind.values())  # overall is their weighted mean
     test = run([*common, "--split=test"])
     assert test.returncode == 0, test.stderr[-2000:]
     with open(json.loads(test.stdout.strip().splitlines()[-1])["leaderboard"]) as f:

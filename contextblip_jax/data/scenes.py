@@ -365,15 +365,18 @@ def detail(rng: np.random.Generator) -> list[Scene]:
     other_shape = next(s for s in SHAPES if s != shape) if other_shape == shape else other_shape
     other_colour = next(c for c in COLOURS if c != colour) if other_colour == colour else other_colour
     looks = [(colour, shape)] * 6 + [(other_colour, shape)] * 2 + [(colour, other_shape)] * 2
-    scenes: list[Scene] = []
-    for c, s in looks:
-        while True:
-            candidate = scene([Thing(c, s, int(rng.integers(3)), 0.5, DETAILS[int(rng.integers(len(DETAILS)))])])
-            if candidate not in scenes:
-                scenes.append(candidate)
-                break
-    rng.shuffle(scenes)
-    return scenes
+    while True:  # until some image's colour, kind and detail are its own (a set with no such image names nothing)
+        scenes: list[Scene] = []
+        for c, s in looks:
+            while True:
+                candidate = scene([Thing(c, s, int(rng.integers(3)), 0.5, DETAILS[int(rng.integers(len(DETAILS)))])])
+                if candidate not in scenes:
+                    scenes.append(candidate)
+                    break
+        rng.shuffle(scenes)
+        looked = [(t.colour, t.shape, t.detail) for (t,) in scenes]
+        if any(looked.count(look) == 1 for look in looked):
+            return scenes
 
 
 def _state_scene(state: dict[tuple[int, float], tuple[str, str]]) -> Scene:

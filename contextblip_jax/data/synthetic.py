@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -34,7 +35,7 @@ from contextblip_jax.data import imagecode, scenes
 
 COLOURS, SHAPES, POSITIONS, COUNTS, KINDS = scenes.COLOURS, scenes.SHAPES, scenes.POSITIONS, scenes.COUNTS, scenes.KINDS
 """The vocabulary of the descriptions, for readers of the generated data."""
-VERSION = 2
+VERSION = 3
 """Bumped whenever the same arguments would write different data."""
 MANIFEST = "synthetic.json"
 DEFAULT_KINDS = {"attributes": 0.3, "motion": 0.7}
@@ -181,9 +182,9 @@ class SceneBoxes:
     frames: dict[str, list[list[scenes.Box]]]
 
 
-def scene_boxes(root: str) -> SceneBoxes | None:
-    """The boxes of a folder `ensure` wrote, replayed from its manifest's arguments (the generator draws the same
-    records and placements again, rendering nothing); None for any other folder: its records are unknown."""
+def _replayed(root: str) -> tuple[dict[str, Any], Iterator[ImageSet]] | None:
+    """The manifest of a folder `ensure` wrote and its sets' records drawn again from the manifest's arguments
+    (nothing rendered); None for any other folder, whose records are unknown."""
     path = os.path.join(root, MANIFEST)
     if not os.path.exists(path):
         return None
@@ -192,9 +193,24 @@ def scene_boxes(root: str) -> SceneBoxes | None:
     if found.get("version") != VERSION or found.get("generator") != __name__:
         return None
     arguments = {name: found[name] for name in ("seed", "num_train_sets", "num_valid_sets", "num_test_sets")}
+    return found, sample_sets(kinds=found["kinds"], descriptions_mix=found.get("descriptions_mix", ""), **arguments)
+
+
+def set_kinds(root: str) -> dict[str, str] | None:
+    """Each set's scene kind (`scenes.KINDS`) by set name, for a folder `ensure` wrote; None for any other."""
+    replayed = _replayed(root)
+    return None if replayed is None else {image_set.name: image_set.kind for image_set in replayed[1]}
+
+
+def scene_boxes(root: str) -> SceneBoxes | None:
+    """The boxes of a folder `ensure` wrote, replayed from its manifest's arguments (the generator draws the same
+    records and placements again, rendering nothing); None for any other folder: its records are unknown."""
+    replayed = _replayed(root)
+    if replayed is None:
+        return None
+    found, sets = replayed
     size = int(found["image_size"])
     result = SceneBoxes({}, {})
-    sets = sample_sets(kinds=found["kinds"], descriptions_mix=found.get("descriptions_mix", ""), **arguments)
     for number, image_set in enumerate(sets, start=1):
         _, frames = _layout(image_set, size, np.random.default_rng([found["seed"], number, 1]))
         result.frames[image_set.name] = [[tuple(v / size for v in box) for _, box in placed] for placed in frames]

@@ -75,6 +75,20 @@ def accuracy(scored: Mapping[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def accuracy_by(
+    scored: Mapping[str, np.ndarray], examples: list[imagecode.Example], group: Mapping[str, str]
+) -> dict[str, float]:
+    """Accuracy per group of sets (`group`: set name -> its group, e.g. generated data's scene kind), over the
+    labelled descriptions; groups in sorted order."""
+    found: dict[str, list[bool]] = {}
+    rows = zip(scored["example_id"], scored["prediction"], scored["target"], strict=True)
+    for example_id, prediction, target in rows:
+        if target >= 0:
+            name = group[examples[int(example_id)].set_name]
+            found.setdefault(name, []).append(bool(prediction == target))
+    return {name: float(np.mean(found[name])) for name in sorted(found)}
+
+
 def leaderboard(scored: Mapping[str, np.ndarray], examples: list[imagecode.Example]) -> dict[str, list[int]]:
     """`{set_name: [predicted index per description, in file order]}` for a submission."""
     order = np.argsort(scored["example_id"])

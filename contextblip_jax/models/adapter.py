@@ -28,6 +28,7 @@ class MultiLevelAdapter(nnx.Module):
         hidden = width // config.reduction
         self.levels = config.resolved_levels(depth)
         self.grid = grid
+        self.enabled = config.enabled
         self.down = nnx.List(
             [Dense((width,), (hidden,), ("embed", "mlp"), use_bias=False, dtype=dtype, rngs=rngs) for _ in self.levels]
         )
@@ -51,8 +52,11 @@ class MultiLevelAdapter(nnx.Module):
         """Adapted tokens [B, 1 + N, D] from the ViT's final tokens and raw block outputs (CLS first).
 
         `norm` is the ViT's final LayerNorm; `patch_index` [B, N] gives each patch token's grid position when
-        the tokens are a subset of the grid (TMIM), and defaults to all positions in order.
+        the tokens are a subset of the grid (TMIM), and defaults to all positions in order. Switched off
+        (`AdapterConfig.enabled`), the final tokens themselves.
         """
+        if not self.enabled:
+            return final_tokens
         latent = jnp.concatenate(
             [
                 jax.nn.relu(down(norm(block_outputs[level - 1])))

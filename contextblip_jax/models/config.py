@@ -248,11 +248,15 @@ class AdapterConfig:
     branch (off: the authors' design).
 
     Empty `levels` means four levels spread evenly over the ViT: 3/6/9/12 for ViT-B, 6/12/18/24 for ViT-L.
+    `enabled=False` is the ablation without the adapter: its residual is never added, so the ViT's tokens go on
+    unchanged; its weights stay in the model, unused, so checkpoints keep one layout and a seed draws every other
+    weight as it does with the adapter on (a paired comparison).
     """
 
     levels: tuple[int, ...] = ()
     reduction: int = 2
     conv_kernels: tuple[int, ...] = ()
+    enabled: bool = True
 
     def resolved_levels(self, depth: int, count: int = 4) -> tuple[int, ...]:
         if self.levels:

@@ -56,9 +56,26 @@ def test_boxes_lie_on_the_drawn_shapes_and_off_them_is_background(tmp_path):
     assert checked > 20
 
 
-def test_a_folder_without_a_manifest_has_no_boxes(tmp_path):
+def test_set_kinds_name_every_set_of_the_folder_with_a_kind_of_its_mix(tmp_path):
+    root = str(tmp_path)
+    synthetic.ensure(root, seed=3, num_train_sets=12, num_valid_sets=4, num_test_sets=4, kinds="detail:1,recolour:1")
+    kinds = synthetic.set_kinds(root)
+    assert kinds is not None
+    written = set()
+    for split in synthetic.SPLITS:
+        with open(imagecode.split_path(root, split)) as f:
+            written |= set(json.load(f))
+    assert set(kinds) == written
+    assert set(kinds.values()) == {"detail", "recolour"}
+    for name, kind in kinds.items():  # recolour is a video kind: its sets carry a video source's name
+        assert name.startswith(synthetic.VIDEO_PREFIXES) == (kind == "recolour"), name
+
+
+def test_a_folder_without_a_manifest_has_no_records(tmp_path):
     synthetic.generate(str(tmp_path), num_train_sets=2, num_valid_sets=1, num_test_sets=1)
     assert synthetic.scene_boxes(str(tmp_path)) is None
+    assert synthetic.set_kinds(str(tmp_path)) is None
     with open(tmp_path / synthetic.MANIFEST, "w") as f:
         json.dump({"generator": synthetic.__name__, "version": synthetic.VERSION - 1}, f)
     assert synthetic.scene_boxes(str(tmp_path)) is None
+    assert synthetic.set_kinds(str(tmp_path)) is None

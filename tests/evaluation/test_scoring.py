@@ -9,7 +9,7 @@ import pytest
 
 from contextblip_jax import parallel
 from contextblip_jax.data.imagecode import Example
-from contextblip_jax.evaluation.scoring import accuracy, leaderboard, score_split
+from contextblip_jax.evaluation.scoring import accuracy, accuracy_by, leaderboard, score_split
 
 
 def example(set_name: str, index: int) -> Example:
@@ -43,6 +43,16 @@ def test_accuracy_overall_video_and_static():
         "is_video": np.array([True, True, True, False, False, True]),
     }
     assert accuracy(scored) == {"acc": 0.6, "acc_video": pytest.approx(2 / 3), "acc_static": 0.5, "descriptions": 5}
+
+
+def test_accuracy_by_group_counts_labelled_descriptions_of_each_groups_sets():
+    scored = {
+        "example_id": np.array([2, 0, 4, 1, 3]),
+        "prediction": np.array([1, 5, 3, 6, 7]),
+        "target": np.array([1, 0, -1, 6, 7]),  # example 4 has no label
+    }
+    group = {"b-video": "motion", "open-images-a": "detail"}
+    assert accuracy_by(scored, EXAMPLES, group) == {"detail": 1.0, "motion": pytest.approx(2 / 3)}
 
 
 def test_score_split_drops_padding_and_keeps_rows_aligned():

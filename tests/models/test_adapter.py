@@ -90,3 +90,20 @@ def test_default_levels_scale_with_depth():
     assert AdapterConfig().resolved_levels(24) == (6, 12, 18, 24)
     assert AdapterConfig(levels=(2, 5)).resolved_levels(24) == (2, 5)
     assert abstract_base_model().adapter.levels == (3, 6, 9, 12)
+
+
+def test_switched_off_it_adds_nothing_and_every_other_weight_is_drawn_as_with_it_on():
+    on = ContextBLIP(tiny_contextblip(), rngs=nnx.Rngs(0))
+    off = ContextBLIP(tiny_contextblip(adapter=AdapterConfig(levels=(1, 2, 3, 4), enabled=False)), rngs=nnx.Rngs(0))
+    x = images()
+    adapted, plain = off.adapted_features(x)
+    chex.assert_trees_all_equal(adapted, plain)
+    assert not np.allclose(on.adapted_features(x)[0], plain)
+    visible = jnp.array([[0, 3, 5, 9, 15], [1, 2, 4, 8, 12]])
+    vit = off.blip.vision
+    tokens = vit.transform(
+        jnp.concatenate([vit.cls_tokens(2), jnp.take_along_axis(vit.patch_tokens(x), visible[..., None], 1)], 1)
+    )
+    chex.assert_trees_all_equal(off.encode_visible(x, visible), tokens.last_hidden_state)
+    chex.assert_trees_all_equal(nnx.state(on, nnx.Param), nnx.state(off, nnx.Param))
+    assert ContextBLIPConfig.from_dict({**tiny_contextblip().to_dict(), "adapter": {"levels": [1]}}).adapter.enabled
