@@ -141,17 +141,17 @@ def partial_knowledge(root: str) -> dict[str, float]:
     has not learned what the kind was built to need reaches. From the validation split's records."""
     from contextblip_jax.data import scenes, synthetic
 
-    with open(os.path.join(root, synthetic.MANIFEST)) as f:
-        found = json.load(f)
-    arguments = {name: found[name] for name in ("seed", "num_train_sets", "num_valid_sets", "num_test_sets")}
+    found = synthetic.replayed(root)
+    if found is None:
+        sys.exit(f"{root} holds no data the generator wrote (no {synthetic.MANIFEST} of its version)")
     chances: dict[str, list[float]] = {"detail": [], "recolour": []}
-    for image_set in synthetic.sample_sets(kinds=found["kinds"], **arguments):
+    for image_set in found[1]:
         if image_set.split != "valid" or image_set.kind not in chances:
             continue
         if image_set.kind == "detail":
             looks = [(scene[0].colour, scene[0].shape) for scene in image_set.scenes]
         else:
-            looks = [next(t.colour for t in scene if t.colour != scenes.CLOCK) for scene in image_set.scenes]
+            looks = scenes.recoloured(image_set.scenes)
         chances[image_set.kind] += [1 / looks.count(looks[target]) for target in image_set.descriptions]
     return {kind: sum(values) / len(values) for kind, values in chances.items()}
 

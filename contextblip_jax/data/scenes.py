@@ -161,7 +161,7 @@ def holds(query: Query, scenes: list[Scene], index: int) -> bool:
         return len(here) == 1 and (here[0].colour, here[0].shape, here[0].detail) == tuple(args)
     if name in ("turns", "before_turns"):  # the k-th time the recoloured shape takes that colour (or the frame before)
         _, colour, k = args
-        onsets = _onsets(_recoloured(scenes), colour)
+        onsets = _onsets(recoloured(scenes), colour)
         return len(onsets) >= k and onsets[k - 1] == (index if name == "turns" else index + 1)
     if name == "relation":
         (colour_a, shape_a), relation, (colour_b, shape_b) = args
@@ -189,7 +189,7 @@ def _onsets(colours: list[str], colour: str) -> list[int]:
     return [i for i in range(1, len(colours)) if colours[i] == colour and colours[i - 1] != colour]
 
 
-def _recoloured(scenes: list[Scene]) -> list[str]:
+def recoloured(scenes: list[Scene]) -> list[str]:
     """The colour of `recolour`'s shape (the one not grey) in each frame."""
     return [next(t.colour for t in scene if t.colour != CLOCK) for scene in scenes]
 
@@ -403,7 +403,7 @@ def true_queries(kind: str, scenes: list[Scene], index: int) -> list[Query]:
         shape = next(t.shape for t in here if t.colour != CLOCK)
         palette = sorted({t.colour for s in scenes for t in s if t.colour != CLOCK})
         queries = [(name, shape, c, k) for name in ("turns", "before_turns") for c in palette for k in range(1, 5)]
-        colours = _recoloured(scenes)
+        colours = recoloured(scenes)
         if colours.count(colours[index]) < 2:  # a colour seen once would single the frame out without its context
             return []
         return [q for q in queries if holds(q, scenes, index)]

@@ -182,7 +182,7 @@ class SceneBoxes:
     frames: dict[str, list[list[scenes.Box]]]
 
 
-def _replayed(root: str) -> tuple[dict[str, Any], Iterator[ImageSet]] | None:
+def replayed(root: str) -> tuple[dict[str, Any], Iterator[ImageSet]] | None:
     """The manifest of a folder `ensure` wrote and its sets' records drawn again from the manifest's arguments
     (nothing rendered); None for any other folder, whose records are unknown."""
     path = os.path.join(root, MANIFEST)
@@ -198,17 +198,17 @@ def _replayed(root: str) -> tuple[dict[str, Any], Iterator[ImageSet]] | None:
 
 def set_kinds(root: str) -> dict[str, str] | None:
     """Each set's scene kind (`scenes.KINDS`) by set name, for a folder `ensure` wrote; None for any other."""
-    replayed = _replayed(root)
-    return None if replayed is None else {image_set.name: image_set.kind for image_set in replayed[1]}
+    found = replayed(root)
+    return None if found is None else {image_set.name: image_set.kind for image_set in found[1]}
 
 
 def scene_boxes(root: str) -> SceneBoxes | None:
     """The boxes of a folder `ensure` wrote, replayed from its manifest's arguments (the generator draws the same
     records and placements again, rendering nothing); None for any other folder: its records are unknown."""
-    replayed = _replayed(root)
-    if replayed is None:
+    replay = replayed(root)
+    if replay is None:
         return None
-    found, sets = replayed
+    found, sets = replay
     size = int(found["image_size"])
     result = SceneBoxes({}, {})
     for number, image_set in enumerate(sets, start=1):
